@@ -1,0 +1,555 @@
+"""The theorems of THEORY.md as functions: measured quantities in, numeric bounds out.
+
+One function per theorem (T1-T5). Each returns a :class:`Bound`: the value, the theorem's name,
+the constants it used and the statement it instantiates, so a chapter can print exactly what was
+assumed. Exact companions (:func:`bayes_error`, :func:`attention_removal_change`, ...) compute the
+quantity a bound controls, so tests and chapters can put the two side by side.
+
+Also here: :func:`lipschitz_estimate` (empirical Lipschitz constants alpha, beta of a downstream
+map, so T1/T2 give numbers for a real model) and finite-sample certificates for tail probabilities
+and accuracies (:func:`hoeffding_upper`, :func:`clopper_pearson`, :func:`wilson_interval`).
+
+Units: information in bits; cosine distances ``d(a, b) = 1 - <a, b> / (|a| |b|)`` in [0, 2].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from scipy import optimize, stats
+
+from .errors import InputError, NumericalError
+from .information import conditional_entropy_from_table
+from .utils import as_numpy, check_finite
+
+__all__ = [
+    "Bound",
+    "geometric_gap_bound",
+    "geometric_gap_bound_expected",
+    "band_gap_bound",
+    "proximal_gap_bound",
+    "bayes_gap_bound",
+    "bayes_error",
+    "conditional_entropy_from_table",
+    "fano_bound",
+    "attention_removal_bound",
+    "attention_removal_change",
+    "layer_attention_removal_bound",
+    "layer_attention_removal_change",
+    "LipschitzEstimate",
+    "lipschitz_estimate",
+    "hoeffding_upper",
+    "clopper_pearson",
+    "wilson_interval",
+]
+
+
+@dataclass(frozen=True)
+class Bound:
+    """A theorem instantiated on measured quantities.
+
+    ``value`` is the bound (a float, or an array for vectorised inputs); it holds with probability at
+    least ``probability`` (1 for deterministic bounds). ``constants`` lists every number the bound
+    used; ``statement`` is the inequality in words.
+    """
+
+    value: float | np.ndarray
+    name: str
+    constants: dict = field(default_factory=dict)
+    statement: str = ""
+    probability: float = 1.0
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def __repr__(self) -> str:
+        val = np.asarray(self.value)
+        shown = (f"{float(val):.6g}" if val.ndim == 0 else
+                 f"array{val.shape} in [{val.min():.4g}, {val.max():.4g}]")
+        consts = ", ".join(f"{k}={_short(v)}" for k, v in self.constants.items())
+        prob = f", with probability >= {self.probability:.4g}" if self.probability < 1 else ""
+        return f"Bound[{self.name}] = {shown}{prob} ({consts}): {self.statement}"
+
+
+def _short(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, np.ndarray) and v.size > 4:
+        return f"array{v.shape}"
+    return repr(v)
+
+
+def _nonneg(value, name: str) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v < 0:
+        raise InputError(f"{name} must be a finite number >= 0; got {value!r}.")
+    return v
+
+
+def _prob(value, name: str) -> float:
+    v = float(value)
+    if not 0.0 <= v <= 1.0:
+        raise InputError(f"{name} must be a probability in [0, 1]; got {value!r}.")
+    return v
+
+
+def _cos_dists(d, name: str) -> np.ndarray:
+    arr = check_finite(as_numpy(d, name), name)
+    if arr.size == 0:
+        raise InputError(f"{name} is empty; pass one cosine distance per token.")
+    if np.any(arr < -1e-9) or np.any(arr > 2 + 1e-9):
+        raise InputError(f"{name} must hold cosine distances 1 - cos in [0, 2]; got values in "
+                         f"[{arr.min():.4g}, {arr.max():.4g}]. Pass distances, not similarities.")
+    return np.clip(arr, 0.0, 2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# T1, T2: geometric / proximal redundancy => functional redundancy
+# ----------------------------------------------------------------------------------------------
+
+_T1 = ("|h(skip) - h| <= alpha ||x_hat_l - x_hat_(l-1)||_F = alpha sqrt(2 sum_(i in V) d_i) "
+       "(+ beta sqrt(2 sum_(j in T) d_j) when text is skipped too); unit vectors: |a-b|^2 = 2 d(a, b)")
+
+
+def geometric_gap_bound(alpha: float, cos_dists, beta: float | None = None, text_cos_dists=None) -> Bound:
+    """T1 for one input: ``alpha sqrt(2 sum_{i in V} d_i) [+ beta sqrt(2 sum_{j in T} d_j)]``.
+
+    ``cos_dists`` are the per-token cosine distances ``d(x_{l-1}^(i), x_l^(i))`` of the skipped vision
+    tokens; ``alpha`` (``beta``) is the Lipschitz constant of the downstream score in the normalised
+    vision (text) block, Frobenius norm. Proof: ``|h(X_hat') - h(X_hat)| <= alpha ||X_hat' - X_hat||_F``
+    and ``||a_hat - b_hat||^2 = 2 d(a, b)`` for unit vectors.
+    """
+    a = _nonneg(alpha, "alpha")
+    d = _cos_dists(cos_dists, "cos_dists")
+    value = a * math.sqrt(2.0 * d.sum())
+    consts = {"alpha": a, "sum_d_vision": float(d.sum()), "n_vision": int(d.size)}
+    if (beta is None) != (text_cos_dists is None):
+        raise InputError("pass both beta and text_cos_dists (text tokens skipped too) or neither.")
+    if beta is not None:
+        b = _nonneg(beta, "beta")
+        dt = _cos_dists(text_cos_dists, "text_cos_dists")
+        value += b * math.sqrt(2.0 * dt.sum())
+        consts.update(beta=b, sum_d_text=float(dt.sum()), n_text=int(dt.size))
+    return Bound(value, "T1 geometric -> functional", consts, _T1)
+
+
+def geometric_gap_bound_expected(alpha: float, n_tokens: int, eps: float, beta: float | None = None,
+                                 n_text_tokens: int | None = None, text_eps: float | None = None) -> Bound:
+    """T1 in expectation: ``E|h(skip) - h| <= alpha sqrt(2 |V| eps) [+ beta sqrt(2 |T| eps_T)]``.
+
+    Under eps-geometric redundancy ``E d_i <= eps``; Jensen (sqrt is concave) gives
+    ``E sqrt(2 sum_i d_i) <= sqrt(2 sum_i E d_i) <= sqrt(2 |V| eps)``.
+    """
+    a, e = _nonneg(alpha, "alpha"), _nonneg(eps, "eps")
+    nv = _count(n_tokens, "n_tokens")
+    value = a * math.sqrt(2.0 * nv * e)
+    consts = {"alpha": a, "n_vision": nv, "eps": e}
+    if beta is not None:
+        if n_text_tokens is None or text_eps is None:
+            raise InputError("with beta also pass n_text_tokens and text_eps (the text block's eps).")
+        b, et, nt = _nonneg(beta, "beta"), _nonneg(text_eps, "text_eps"), _count(n_text_tokens, "n_text_tokens")
+        value += b * math.sqrt(2.0 * nt * et)
+        consts.update(beta=b, n_text=nt, text_eps=et)
+    return Bound(value, "T1 (expectation)", consts,
+                 "E|h(skip) - h| <= alpha sqrt(2 |V| eps) by Jensen under E d_i <= eps")
+
+
+def band_gap_bound(alpha: float, band_cos_dists, beta: float | None = None, text_band_cos_dists=None) -> Bound:
+    """T1 for a band ``[a, b]``: ``alpha sum_{l=a}^{b} sqrt(2 sum_{i in V} d_{l,i})`` (+ beta term).
+
+    ``band_cos_dists[l, i]`` is token i's cosine distance across layer ``a + l``. Skipping the band
+    replaces ``x_hat_b`` by ``x_hat_(a-1)``; the triangle inequality over the band's layers bounds
+    ``||x_hat_b - x_hat_(a-1)||_F`` by the sum of the per-layer drifts ``sqrt(2 sum_i d_{l,i})``.
+    """
+    a = _nonneg(alpha, "alpha")
+    d = _cos_dists(band_cos_dists, "band_cos_dists")
+    if d.ndim != 2:
+        raise InputError(f"band_cos_dists must have shape (n_layers_in_band, n_tokens); got {d.shape}.")
+    per_layer = np.sqrt(2.0 * d.sum(1))
+    value = a * float(per_layer.sum())
+    consts = {"alpha": a, "n_layers": int(d.shape[0]), "per_layer_drift": per_layer}
+    if beta is not None:
+        dt = _cos_dists(text_band_cos_dists, "text_band_cos_dists")
+        b = _nonneg(beta, "beta")
+        value += b * float(np.sqrt(2.0 * dt.reshape(dt.shape[0], -1).sum(1)).sum())
+        consts["beta"] = b
+    return Bound(value, "T1 (band)", consts,
+                 "|h(skip band) - h| <= alpha sum_l sqrt(2 sum_i d_(l,i)) (triangle inequality)")
+
+
+def proximal_gap_bound(alpha: float, n_tokens: int, eps: float, delta: float,
+                       value_range: float | None = None) -> Bound:
+    """T2: with probability ``>= 1 - |S| delta``, ``|h(skip) - h| <= alpha sqrt(2 |S| eps)``.
+
+    Under (eps, delta)-proximal redundancy each token has ``P(d_i > eps) <= delta``; by the union
+    bound all ``|S|`` tokens have ``d_i <= eps`` with probability ``>= 1 - |S| delta``, and then T1
+    gives the value. (With a per-sample statistic such as ``max_i d_i`` the probability is
+    ``1 - delta``: call with ``n_tokens=1`` for the probability and scale eps yourself.)
+    If ``h`` has range ``B`` (``value_range``), the expectation form
+    ``E|h(skip) - h| <= alpha sqrt(2 |S| eps) + |S| delta B`` is in ``constants['expected_bound']``.
+    """
+    a, e, dl = _nonneg(alpha, "alpha"), _nonneg(eps, "eps"), _prob(delta, "delta")
+    ns = _count(n_tokens, "n_tokens")
+    value = a * math.sqrt(2.0 * ns * e)
+    consts = {"alpha": a, "n_tokens": ns, "eps": e, "delta": dl}
+    if value_range is not None:
+        rng = _nonneg(value_range, "value_range")
+        consts.update(value_range=rng, expected_bound=value + ns * dl * rng)
+    return Bound(value, "T2 proximal -> functional", consts,
+                 "P(|h(skip) - h| <= alpha sqrt(2|S| eps)) >= 1 - |S| delta (union bound); "
+                 "E|h(skip) - h| <= alpha sqrt(2|S| eps) + |S| delta B", probability=max(0.0, 1.0 - ns * dl))
+
+
+def _count(n, name: str) -> int:
+    if not float(n).is_integer() or int(n) < 1:
+        raise InputError(f"{name} must be a positive integer; got {n!r}.")
+    return int(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# T3, T4: informational redundancy
+# ----------------------------------------------------------------------------------------------
+
+def bayes_gap_bound(cond_entropy_bits: float) -> Bound:
+    """T3: ``e*(Z|X_{l-1}) - e*(Z|X_l) <= 1 - 2^{-H(X_l|X_{l-1})}`` for any task Z.
+
+    Using the X_l-optimal rule on ``g(X_{l-1})`` with ``g`` the MAP guess of X_l costs at most
+    ``P(g(X_{l-1}) != X_l) <= 1 - E 2^{-H(X_l|X_{l-1}=x)} <= 1 - 2^{-H(X_l|X_{l-1})}``
+    (``max_x p(x|y) >= 2^{-H(X|Y=y)}``, then Jensen). ``cond_entropy_bits`` = ``H(X_l | X_{l-1})``.
+    """
+    h = float(cond_entropy_bits)
+    if not math.isfinite(h) or h < -1e-9:
+        raise InputError(f"cond_entropy_bits must be a finite conditional entropy >= 0; got {h!r}.")
+    h = max(h, 0.0)
+    return Bound(1.0 - 2.0 ** (-h), "T3 informational -> Bayes gap", {"H(X_l|X_l-1)": h},
+                 "e*(Z|X_(l-1)) <= e*(Z|X_l) + 1 - 2^(-H(X_l|X_(l-1)))")
+
+
+def bayes_error(p_zx) -> float:
+    """Exact Bayes error ``e*(Z|X) = 1 - sum_x max_z p(z, x)`` of a joint table ``p[z, x]``.
+
+    The same formula with ``p[x_l, x_{l-1}]`` gives the error of the MAP replacement of a layer,
+    ``min_g P(g(X_{l-1}) != X_l)``.
+    """
+    p = check_finite(as_numpy(p_zx, "p_zx"), "p_zx")
+    if p.ndim != 2 or np.any(p < 0) or p.sum() <= 0:
+        raise InputError(f"p_zx must be a non-negative 2-D table p[z, x] with a positive sum; got shape "
+                         f"{p.shape}. Reshape multi-axis variables into one axis.")
+    p = p / p.sum()
+    return float(max(0.0, 1.0 - p.max(0).sum()))
+
+
+def _binary_entropy(pe: float) -> float:
+    return 0.0 if pe <= 0 or pe >= 1 else -pe * math.log2(pe) - (1 - pe) * math.log2(1 - pe)
+
+
+def fano_bound(cond_entropy_bits: float, alphabet_size: int, form: str = "weak") -> Bound:
+    """T4 (Fano): any replacement ``g`` of layer l errs with ``P(g(X_{l-1}) != X_l) >= bound``.
+
+    ``form="weak"`` (THEORY.md): ``(H(X_l|X_{l-1}) - 1) / log2(|X_l| - 1)``, clipped at 0, from
+    ``H <= h_b(P_e) + P_e log2(|X| - 1)`` and ``h_b <= 1``. For ``|X_l| = 2`` the weak form divides
+    by ``log2 1 = 0``; there the exact binary Fano ``P_e >= h_b^{-1}(H)`` (inverse on [0, 1/2]) is
+    used and ``constants['form']`` says so. ``form="exact"`` inverts the full Fano inequality
+    numerically for any alphabet (tighter). ``|X_l| = 1`` gives 0.
+    """
+    h = float(cond_entropy_bits)
+    k = _count(alphabet_size, "alphabet_size")
+    if not math.isfinite(h) or h < -1e-9 or h > math.log2(k) + 1e-9:
+        raise InputError(f"cond_entropy_bits={h!r} is impossible for an alphabet of {k} values: it must lie "
+                         f"in [0, log2({k})] = [0, {math.log2(k):.4g}]. Check alphabet_size (count all values "
+                         "X_l can take).")
+    if form not in ("weak", "exact"):
+        raise InputError(f"form must be 'weak' or 'exact'; got {form!r}.")
+    h = min(max(h, 0.0), math.log2(k))
+    used = form if k > 2 else "exact (binary)"
+    if k == 1:
+        value = 0.0
+    elif used == "weak":
+        value = max(0.0, (h - 1.0) / math.log2(k - 1))
+    else:
+        value = _invert_fano(h, k)
+    return Bound(value, "T4 Fano", {"H(X_l|X_l-1)": h, "alphabet_size": k, "form": used},
+                 "P(g(X_(l-1)) != X_l) >= (H(X_l|X_(l-1)) - 1) / log2(|X_l| - 1) for every g")
+
+
+def _invert_fano(h: float, k: int) -> float:
+    """Smallest ``P_e`` in ``[0, 1 - 1/k]`` with ``h_b(P_e) + P_e log2(k - 1) >= h`` (increasing there)."""
+    top = 1.0 - 1.0 / k
+    fano = lambda pe: _binary_entropy(pe) + pe * math.log2(k - 1) - h  # noqa: E731
+    if h <= 0:
+        return 0.0
+    if fano(top) <= 0:
+        return top
+    return float(optimize.brentq(fano, 0.0, top, xtol=1e-14))
+
+
+# ----------------------------------------------------------------------------------------------
+# T5: cross-modal attention condition
+# ----------------------------------------------------------------------------------------------
+
+def _attention_inputs(attn, values, vision_mask):
+    v = check_finite(as_numpy(values, "values"), "values")
+    a = check_finite(as_numpy(attn, "attn"), "attn")
+    mask = as_numpy(vision_mask, "vision_mask", dtype=bool)
+    if v.ndim < 2:
+        raise InputError(f"values must have shape (..., n_keys, d_v); got {v.shape}.")
+    if mask.shape[-1] != v.shape[-2]:
+        raise InputError(f"vision_mask has {mask.shape[-1]} keys but values has {v.shape[-2]}; "
+                         "build the mask from input_ids == image_token_id for the same key positions.")
+    if not mask.any() or mask.all():
+        raise InputError("vision_mask must mark at least one vision key and leave at least one text key.")
+    return a, v, mask
+
+
+def attention_removal_bound(attn_row_or_tau, values, vision_mask) -> Bound:
+    """T5 per head: ``|o_t - o_t'| <= tau_t (max_{j in V} |v_j| + max_{j in T} |v_j|)``.
+
+    ``o_t = sum_j A[t, j] v_j``; ``o_t'`` attends to text keys only, renormalised:
+    ``o_t' = sum_{j in T} A[t, j] v_j / (1 - tau_t)`` with ``tau_t = sum_{j in V} A[t, j]``. Then
+    ``o_t - o_t' = sum_V A v - tau/(1 - tau) sum_T A v``; the triangle inequality gives the bound.
+    Inputs: ``values`` (..., n_keys, d_v); ``attn_row_or_tau`` either attention rows (..., n_keys)
+    (softmax outputs) or the vision masses tau (...); ``vision_mask`` (n_keys,) bool.
+    Vectorised: ``value`` has the leading shape (...).
+    """
+    a, v, mask = _attention_inputs(attn_row_or_tau, values, vision_mask)
+    if a.ndim == v.ndim - 1:
+        tau = (a * mask).sum(-1)
+    elif a.ndim == v.ndim - 2:
+        tau = a
+    else:
+        raise InputError(f"attn_row_or_tau has shape {a.shape}; with values {v.shape} pass rows "
+                         f"{v.shape[:-1]} or taus {v.shape[:-2]}.")
+    if np.any(tau < -1e-12) or np.any(tau > 1 + 1e-12):
+        raise InputError("tau (attention mass on vision keys) must lie in [0, 1]; pass softmax rows.")
+    norms = np.linalg.norm(v, axis=-1)
+    mv = np.where(mask, norms, -np.inf).max(-1)
+    mt = np.where(mask, -np.inf, norms).max(-1)
+    value = tau * (mv + mt)
+    return Bound(value if np.ndim(value) else float(value), "T5 cross-modal (head)",
+                 {"tau": tau, "max_norm_vision": mv, "max_norm_text": mt},
+                 "|o_t - o_t(text only)| <= tau_t (max_V |v_j| + max_T |v_j|) <= 2 tau_t max_j |v_j|")
+
+
+def attention_removal_change(attn_row, values, vision_mask) -> np.ndarray | float:
+    """Exact ``|o_t - o_t'|`` when the vision keys are removed and the text-only softmax renormalised.
+
+    Shapes as in :func:`attention_removal_bound` (rows only). Raises :class:`NumericalError` where
+    the text keys hold no attention mass (the renormalisation is undefined).
+    """
+    a, v, mask = _attention_inputs(attn_row, values, vision_mask)
+    if a.shape != v.shape[:-1]:
+        raise InputError(f"attn_row must have shape {v.shape[:-1]} (values without d_v); got {a.shape}.")
+    text_mass = (a * ~mask).sum(-1, keepdims=True)
+    if np.any(text_mass <= 0):
+        raise NumericalError("a text query puts zero attention on text keys, so the text-only softmax is "
+                             "undefined; pass the raw rows (not masked) or drop that query.")
+    full = (a[..., None] * v).sum(-2)
+    text_only = ((a * ~mask / text_mass)[..., None] * v).sum(-2)
+    out = np.linalg.norm(full - text_only, axis=-1)
+    return out if out.ndim else float(out)
+
+
+def _w_o(w_o, n_heads: int, d_head: int) -> np.ndarray:
+    w = check_finite(as_numpy(w_o, "w_o"), "w_o")
+    if w.ndim != 2 or w.shape[1] != n_heads * d_head:
+        raise InputError(f"w_o must be the output projection weight (d_model, n_heads * d_head) = "
+                         f"(*, {n_heads * d_head}) as in torch's nn.Linear.weight; got {w.shape}.")
+    return w
+
+
+def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o) -> Bound:
+    """T5 for a layer: ``|W_O (o - o')| <= |W_O|_2 sum_h tau_{t,h} (max_V |v_j^h| + max_T |v_j^h|)``.
+
+    ``attn_rows`` (..., H, n_keys), ``values`` (..., H, n_keys, d_head), ``w_o`` (d_model, H d_head).
+    ``|W_O c| <= |W_O|_2 |c|_2`` and ``|c|_2 <= sum_h |c_h|`` for the concatenation ``c`` of the heads'
+    changes. The tighter per-head form ``sum_h |W_O^(h)|_2 b_h`` is in ``constants['per_head_form']``.
+    """
+    a, v, mask = _attention_inputs(attn_rows, values, vision_mask)
+    n_heads, d_head = v.shape[-3], v.shape[-1]
+    w = _w_o(w_o, n_heads, d_head)
+    heads = np.asarray(attention_removal_bound(a, v, mask).value)
+    spec = float(np.linalg.norm(w, 2))
+    per_head_norms = np.array([np.linalg.norm(w[:, h * d_head:(h + 1) * d_head], 2) for h in range(n_heads)])
+    value = spec * heads.sum(-1)
+    return Bound(value if np.ndim(value) else float(value), "T5 cross-modal (layer)",
+                 {"W_O_spectral_norm": spec, "head_bounds": heads,
+                  "per_head_form": (heads * per_head_norms).sum(-1)},
+                 "|W_O(o - o')| <= |W_O|_2 sum_h tau_h (max_V |v| + max_T |v|)")
+
+
+def layer_attention_removal_change(attn_rows, values, vision_mask, w_o) -> np.ndarray | float:
+    """Exact change ``|W_O concat_h(o_h - o_h')|`` of the layer's attention output (see above)."""
+    a, v, mask = _attention_inputs(attn_rows, values, vision_mask)
+    n_heads, d_head = v.shape[-3], v.shape[-1]
+    w = _w_o(w_o, n_heads, d_head)
+    text_mass = (a * ~mask).sum(-1, keepdims=True)
+    if np.any(text_mass <= 0):
+        raise NumericalError("a head puts zero attention on text keys, so the text-only softmax is undefined.")
+    diff = ((a - a * ~mask / text_mass)[..., None] * v).sum(-2)  # (..., H, d_head)
+    out = np.linalg.norm(diff.reshape(*diff.shape[:-2], n_heads * d_head) @ w.T, axis=-1)
+    return out if out.ndim else float(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# empirical Lipschitz constants
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LipschitzEstimate:
+    """Finite-difference Lipschitz ratios ``|fn(x + h u) - fn(x - h u)| / (2h)`` for unit ``u``.
+
+    ``ratios[i, j]``: sample i, direction j (given directions first, then power-iteration, then
+    random). ``per_sample`` = max over directions; ``max`` and ``quantile`` are over samples.
+    """
+
+    max: float
+    quantile: float
+    level: float
+    along_given: float | None
+    per_sample: np.ndarray = field(repr=False)
+    ratios: np.ndarray = field(repr=False)
+
+
+def _unit(u: torch.Tensor) -> torch.Tensor:
+    norms = u.flatten(1).norm(dim=1)
+    if torch.any(norms == 0):
+        raise InputError("a direction has zero norm (e.g. a token that did not move); drop those samples.")
+    return u / norms.view(-1, *([1] * (u.dim() - 1)))
+
+
+def _fd_ratio(fn, x: torch.Tensor, u: torch.Tensor, step: float) -> torch.Tensor:
+    diff = fn(x + step * u) - fn(x - step * u)
+    return diff.reshape(x.shape[0], -1).norm(dim=1) / (2.0 * step)
+
+
+def _power_direction(fn, x: torch.Tensor, u: torch.Tensor, iters: int, step: float) -> torch.Tensor:
+    """Per-sample top right-singular direction of the Jacobian: ``u <- J^T J u`` (J u by central
+    differences, J^T by autograd). Assumes sample i's output depends only on sample i."""
+    for _ in range(iters):
+        ju = (fn(x + step * u) - fn(x - step * u)) / (2.0 * step)
+        xr = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            (jtju,) = torch.autograd.grad(fn(xr), xr, grad_outputs=ju.detach())
+        u = _unit(jtju.detach())
+    return u
+
+
+def lipschitz_estimate(fn: Callable[[torch.Tensor], torch.Tensor], x, directions=None, n_random: int = 16,
+                       step: float = 1e-3, quantile: float = 0.95, seed: int = 0,
+                       power_iters: int = 0) -> LipschitzEstimate:
+    """Empirical Lipschitz constant of ``fn`` around the samples ``x`` (a lower estimate of the true one).
+
+    ``fn`` maps a batch ``(n, ...)`` to ``(n,)`` or ``(n, ...)``, sample by sample. For each sample and
+    each unit direction ``u`` the ratio ``|fn(x + h u) - fn(x - h u)|_2 / (2 h)`` (central differences,
+    exact for linear maps) is recorded. Directions: ``directions`` (a tensor shaped like ``x`` or like
+    one sample, or a list of them; e.g. the actual skip direction ``x_l - x_{l-1}``), ``power_iters``
+    steps of power iteration on ``J^T J`` (needs ``fn`` differentiable; finds the worst direction), and
+    ``n_random`` Gaussian directions (seeded). Use float64 inputs: in float32 take ``step`` ~ 1e-2.
+    Report ``max`` (over samples and directions) and the ``quantile`` over samples of the per-sample max.
+    """
+    xt = torch.as_tensor(x) if isinstance(x, torch.Tensor) else torch.as_tensor(as_numpy(x, "x"))
+    if not xt.is_floating_point() or xt.dim() < 1 or xt.shape[0] < 1:
+        raise InputError(f"x must be a float tensor (n, ...) of samples; got {xt.dtype} {tuple(xt.shape)}.")
+    if not torch.isfinite(xt).all():
+        raise NumericalError("x holds NaN/inf; drop or impute those samples first.")
+    if step <= 0 or not 0 < quantile <= 1:
+        raise InputError(f"need step > 0 and quantile in (0, 1]; got step={step}, quantile={quantile}.")
+    dirs = _given_directions(directions, xt)
+    n_given = len(dirs)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        if power_iters > 0:
+            start = _unit(torch.randn(xt.shape, generator=gen, dtype=xt.dtype))
+            dirs.append(_power_direction(fn, xt, start, power_iters, step))
+        dirs += [_unit(torch.randn(xt.shape, generator=gen, dtype=xt.dtype)) for _ in range(n_random)]
+        if not dirs:
+            raise InputError("no directions: pass directions, n_random > 0 or power_iters > 0.")
+        ratios = torch.stack([_fd_ratio(fn, xt, u, step) for u in dirs], dim=1).double().numpy()
+    if not np.all(np.isfinite(ratios)):
+        raise NumericalError("fn returned NaN/inf near x; reduce step or check fn.")
+    per_sample = ratios.max(1)
+    return LipschitzEstimate(max=float(per_sample.max()), quantile=float(np.quantile(per_sample, quantile)),
+                             level=quantile, along_given=float(ratios[:, :n_given].max()) if n_given else None,
+                             per_sample=per_sample, ratios=ratios)
+
+
+def _given_directions(directions, xt: torch.Tensor) -> list[torch.Tensor]:
+    if directions is None:
+        return []
+    items = directions if isinstance(directions, (list, tuple)) else [directions]
+    out = []
+    for d in items:
+        dt = torch.as_tensor(d, dtype=xt.dtype)
+        if dt.shape == xt.shape[1:]:
+            dt = dt.expand_as(xt)
+        if dt.shape != xt.shape:
+            raise InputError(f"a direction has shape {tuple(dt.shape)}; expected {tuple(xt.shape)} (one per "
+                             f"sample) or {tuple(xt.shape[1:])} (shared).")
+        out.append(_unit(dt.clone()))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# finite-sample certificates
+# ----------------------------------------------------------------------------------------------
+
+def _binom_inputs(k, n, confidence):
+    ka, na = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
+    if np.any(na < 1) or np.any(ka < 0) or np.any(ka > na) or np.any(ka % 1) or np.any(na % 1):
+        raise InputError(f"need integer counts 0 <= k <= n with n >= 1; got k={k!r}, n={n!r}.")
+    if not 0 < confidence < 1:
+        raise InputError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}.")
+    return ka, na, 1.0 - confidence
+
+
+def _out(v):
+    return float(v) if np.ndim(v) == 0 else v
+
+
+def hoeffding_upper(k, n, confidence: float = 0.95):
+    """One-sided Hoeffding upper bound on a probability from k successes in n independent trials.
+
+    ``P(p <= k/n + sqrt(ln(1/alpha) / (2n))) >= 1 - alpha`` (Hoeffding 1963), clipped at 1.
+    The trials must be independent (e.g. images, not tokens of one image).
+    """
+    ka, na, alpha = _binom_inputs(k, n, confidence)
+    return _out(np.minimum(1.0, ka / na + np.sqrt(np.log(1.0 / alpha) / (2.0 * na))))
+
+
+def clopper_pearson(k, n, confidence: float = 0.95, side: str = "two-sided"):
+    """Exact binomial (Clopper & Pearson 1934) interval ``(low, high)`` for a probability.
+
+    Two-sided: ``low = Beta^{-1}(alpha/2; k, n-k+1)``, ``high = Beta^{-1}(1-alpha/2; k+1, n-k)``
+    (0 and 1 at the ends). ``side="upper"``: ``(0, Beta^{-1}(1-alpha; k+1, n-k))``;
+    ``side="lower"``: ``(Beta^{-1}(alpha; k, n-k+1), 1)``. Coverage is at least ``confidence``.
+    """
+    ka, na, alpha = _binom_inputs(k, n, confidence)
+    if side not in ("two-sided", "upper", "lower"):
+        raise InputError(f"side must be 'two-sided', 'upper' or 'lower'; got {side!r}.")
+    a_lo = alpha / 2 if side == "two-sided" else alpha
+    with np.errstate(invalid="ignore"):
+        lo = np.where(ka > 0, stats.beta.ppf(a_lo, ka, na - ka + 1), 0.0)
+        hi = np.where(ka < na, stats.beta.ppf(1 - a_lo, ka + 1, na - ka), 1.0)
+    if side == "upper":
+        lo = np.zeros_like(lo)
+    if side == "lower":
+        hi = np.ones_like(hi)
+    return _out(lo), _out(hi)
+
+
+def wilson_interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval ``(low, high)`` for an accuracy k/n (Wilson 1927).
+
+    ``(p + z^2/(2n) +- z sqrt(p(1-p)/n + z^2/(4n^2))) / (1 + z^2/n)``, ``z = Phi^{-1}(1 - alpha/2)``.
+    """
+    ka, na, alpha = _binom_inputs(k, n, confidence)
+    z = stats.norm.ppf(1.0 - alpha / 2.0)
+    p = ka / na
+    denom = 1.0 + z * z / na
+    centre = (p + z * z / (2.0 * na)) / denom
+    half = z * np.sqrt(p * (1.0 - p) / na + z * z / (4.0 * na * na)) / denom
+    return _out(np.clip(centre - half, 0.0, 1.0)), _out(np.clip(centre + half, 0.0, 1.0))
