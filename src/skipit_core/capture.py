@@ -1,0 +1,756 @@
+"""One streaming forward pass per batch that reduces hidden states into per-layer statistics.
+
+:func:`profile` hooks every decoder layer of a supported VLM, reads each layer's input ``x_in``
+(``args[0]``) and output ``x_out`` (the returned tensor) and reduces them on the fly, in float32 on
+the model's device, into the mergeable sums of a :class:`LayerProfile`:
+
+* per layer and modality (``"text"``, ``"vision"``, ``"sink"``; ``"all"`` pools the three; padding is
+  ignored): count, mean and variance of the cosine distance
+  ``d(x_in, x_out) = 1 - <a, b> / (|a| |b|)`` (range [0, 2]), a fixed-bin histogram of ``d``, exact
+  token counts of ``d > eps`` on a fixed grid of ``eps``, running min/max and the mean norm ratio
+  ``|x_out| / |x_in|``;
+* per layer and modality, per-sample aggregates (a *sample* is one row of a batch) so that tail
+  probabilities come with confidence bounds over independent samples, not over tokens of one image;
+* per layer the vision attention ratio VAR (attention mass text queries put on vision keys) from
+  the layer's own queries and keys (:meth:`Backbone.project_qk`) and the mask it received
+  (:func:`allowed_keys`); no ``output_attentions``, any attention implementation;
+* optionally (``keep=K``) pooled states of the first ``K`` samples for the information chapters.
+
+Memory does not grow with the number of samples (beyond ``keep``): every statistic is a sum, a count,
+a min/max or a histogram, so ``a.merge(b)`` of two shards equals one pass over both.
+
+The hook machinery (:func:`iter_batches`, :func:`run_forward`, :func:`attention_probs`) is shared with
+:mod:`skipit_core.measures`. Hooks never synchronise with the host (no ``.item()``, no branching on
+tensor values); the one synchronisation per batch is the NaN/inf check after the forward.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .errors import InputError, NumericalError, UnsupportedModelError
+from .models import Backbone, TokenKind, allowed_keys
+
+__all__ = [
+    "profile", "LayerProfile", "MODALITIES", "DEFAULT_EPS", "N_BINS",
+    "BatchLayout", "iter_batches", "run_forward", "attention_probs", "last_logprobs",
+]
+
+MODALITIES = ("text", "vision", "sink")  # index = TokenKind code; "all" pools the three
+_QUERY_MODALITIES = (*MODALITIES, "all")
+_TRASH = 3  # accumulator slot of PAD positions, dropped at the end
+N_BINS = 2000
+#: default eps grid of the exact tail counts: {1, 1.5, 2, 3, 5, 7} x 10^k for k = -4..-1, then 1, 1.5
+DEFAULT_EPS: tuple[float, ...] = tuple(
+    sorted({round(m * 10.0**k, 10) for k in range(-4, 0) for m in (1, 1.5, 2, 3, 5, 7)} | {1.0, 1.5})
+)
+VAR_VARIANTS = ("mean", "last", "uniform")
+
+PostHook = Callable[[int, torch.Tensor, torch.Tensor, dict, "BatchLayout"], "torch.Tensor | None"]
+PreHook = Callable[[int, torch.Tensor, dict, "BatchLayout"], "dict | None"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# batches and their token layout
+# ---------------------------------------------------------------------------------------------------
+@dataclass
+class BatchLayout:
+    """Where each kind of token sits in one batch, computed once on the host before the forward.
+
+    ``kinds [B, N]`` holds :class:`TokenKind` codes, ``slot`` the same with PAD mapped to an
+    accumulator trash slot. ``text_idx [B, T]`` lists the TEXT positions of each sample in order
+    (``text_valid`` marks the real ones; ``T`` is the largest count in the batch), ``last_text [B]``
+    the last TEXT position and ``last_pos [B]`` the last non-padding position (where the next token is
+    predicted). ``has_vision``/``n_text_max`` are Python values so hooks can branch without a sync.
+    """
+
+    kinds: torch.Tensor
+    slot: torch.Tensor
+    vision: torch.Tensor
+    n_vision: torch.Tensor
+    text_idx: torch.Tensor
+    text_valid: torch.Tensor
+    n_text: torch.Tensor
+    last_text: torch.Tensor
+    last_pos: torch.Tensor
+    has_vision: bool
+    n_text_max: int
+
+    @property
+    def batch(self) -> int:
+        return self.kinds.shape[0]
+
+    @property
+    def seq(self) -> int:
+        return self.kinds.shape[1]
+
+    @classmethod
+    def of(cls, bb: Backbone, inputs: Mapping[str, Any], device: torch.device) -> "BatchLayout":
+        ids = inputs["input_ids"]
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+            raise InputError("input_ids must be a [batch, seq] tensor, as a processor returns with "
+                             "return_tensors='pt'.")
+        kinds = bb.token_kinds(ids, inputs.get("attention_mask")).to(device)
+        text = kinds == TokenKind.TEXT
+        n_text = text.sum(1)
+        n_text_max = int(n_text.max())
+        text_idx = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :n_text_max]
+        text_valid = torch.arange(n_text_max, device=device)[None, :] < n_text[:, None]
+        positions = torch.arange(kinds.shape[1], device=device)[None, :]
+        last_text = torch.where(text, positions, -1).amax(1).clamp_min(0)
+        last_pos = torch.where(kinds != TokenKind.PAD, positions, -1).amax(1).clamp_min(0)
+        vision = kinds == TokenKind.VISION
+        n_vision = vision.sum(1)
+        return cls(kinds, kinds.masked_fill(kinds == TokenKind.PAD, _TRASH), vision, n_vision,
+                   text_idx, text_valid, n_text, last_text, last_pos, bool(n_vision.any()), n_text_max)
+
+
+def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters())
+    return getattr(model, "device", param.device), getattr(model, "dtype", param.dtype)
+
+
+def _move(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict:
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        out[key] = value
+    return out
+
+
+def iter_batches(model: nn.Module | Backbone, batches: Iterable[Mapping[str, Any]] | Mapping[str, Any]
+                 ) -> Iterator[tuple[dict, BatchLayout]]:
+    """Yield ``(inputs, layout)`` per batch: inputs checked (:meth:`Backbone.check_inputs`) and moved
+    to the model's device (floating tensors to its dtype). A single dict counts as one batch.
+
+    Raises :class:`InputError` when ``batches`` yields nothing.
+    """
+    bb = Backbone.of(model)
+    device, dtype = _device_dtype(bb.model)
+    if isinstance(batches, Mapping):
+        batches = [batches]
+    n = 0
+    for batch in batches:
+        bb.check_inputs(batch)
+        inputs = _move(batch, device, dtype)
+        yield inputs, BatchLayout.of(bb, inputs, device)
+        n += 1
+    if n == 0:
+        raise InputError("`batches` yielded no batch: pass an iterable of model-input dicts, e.g. "
+                         "[processor(images=..., text=..., return_tensors='pt')].")
+
+
+# ---------------------------------------------------------------------------------------------------
+# hooks
+# ---------------------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by a hook to end a forward early (nothing after the last needed layer runs)."""
+
+
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+@contextmanager
+def _hooked(bb: Backbone, layout: BatchLayout, post: PostHook | None, pre: PreHook | None,
+            stop_after: int | None) -> Iterator[None]:
+    """Register the hooks on every decoder layer; always remove them and restore the model's state
+    (train/eval flags of every module, Qwen's cached ``rope_deltas``)."""
+    model = bb.model
+    modes = [(m, m.training) for m in model.modules()]
+    inner = getattr(model, "model", model)
+    rope = ("rope_deltas", inner.rope_deltas) if hasattr(inner, "rope_deltas") else None
+    handles = []
+
+    def make_post(idx: int):
+        def hook(module, args, kwargs, output):
+            x_out = output[0] if isinstance(output, tuple) else output
+            new = post(idx, _layer_input(args, kwargs), x_out, kwargs, layout) if post else None
+            if stop_after is not None and idx >= stop_after:
+                raise _StopForward
+            if new is None:
+                return None
+            return (new, *output[1:]) if isinstance(output, tuple) else new
+        return hook
+
+    def make_pre(idx: int):
+        def hook(module, args, kwargs):
+            new = pre(idx, _layer_input(args, kwargs), kwargs, layout)
+            return None if new is None else (args, new)
+        return hook
+
+    try:
+        model.eval()
+        for idx, layer in enumerate(bb.layers):
+            if pre is not None:
+                handles.append(layer.register_forward_pre_hook(make_pre(idx), with_kwargs=True))
+            if post is not None or stop_after is not None:
+                handles.append(layer.register_forward_hook(make_post(idx), with_kwargs=True))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for module, mode in modes:
+            module.training = mode
+        if rope is not None:
+            setattr(inner, *rope)
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    import inspect
+    return name in inspect.signature(model.forward).parameters
+
+
+def run_forward(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, *,
+                post: PostHook | None = None, pre: PreHook | None = None,
+                stop_after: int | None = None, logits: bool = False) -> torch.Tensor | None:
+    """One forward of ``inputs`` under ``torch.no_grad`` with hooks on every decoder layer.
+
+    ``post(l, x_in, x_out, kwargs, layout)`` runs after layer ``l`` (return a tensor to replace the
+    layer's output); ``pre(l, x_in, kwargs, layout)`` runs before it (return a new kwargs dict, e.g.
+    with an edited ``attention_mask``). ``stop_after=l`` ends the forward after layer ``l``.
+    Returns the logits at each sample's last non-padding position ``[B, V]`` when ``logits=True``
+    (computed for those positions only where the class supports ``logits_to_keep``), else None.
+    """
+    bb = Backbone.of(model)
+    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" not in inputs else {}
+    keep = logits and _accepts(bb.model, "logits_to_keep")
+    if logits and keep:
+        kwargs["logits_to_keep"] = layout.last_pos[:, None]
+    elif not logits and _accepts(bb.model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1  # the head's work is not needed
+    with _hooked(bb, layout, post, pre, stop_after), torch.no_grad():
+        try:
+            out = bb.model(**inputs, **kwargs)
+        except _StopForward:
+            return None
+    if not logits:
+        return None
+    scores = out.logits
+    if keep:
+        return scores[:, -1]
+    return scores[torch.arange(layout.batch, device=scores.device), layout.last_pos]
+
+
+def last_logprobs(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, **hooks) -> torch.Tensor:
+    """Float32 log-probabilities ``[B, V]`` of the next token at each sample's last position,
+    under the given hooks (see :func:`run_forward`)."""
+    return torch.log_softmax(run_forward(model, inputs, layout, logits=True, **hooks).float(), dim=-1)
+
+
+def attention_probs(bb: Backbone, layer_idx: int, x_in: torch.Tensor, kwargs: dict,
+                    query_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention probabilities of decoder layer ``layer_idx`` recomputed from its input.
+
+    ``A = softmax(scale * q k^T [+ softcap] masked by the layer's mask)`` with q, k from
+    :meth:`Backbone.project_qk` on ``input_layernorm(x_in)``, in float32. ``query_idx [B, Q]``
+    selects query rows (all ``N`` when None), so only ``Q x N`` scores are formed. Returns
+    ``probs [B, H, Q, N]`` (rows with no allowed key are 0) and ``allowed [B, Q, N]``.
+    """
+    layer = bb.layers[layer_idx]
+    if "position_embeddings" not in kwargs or not hasattr(layer, "input_layernorm"):
+        raise UnsupportedModelError(
+            f"decoder layer {layer_idx} ({type(layer).__name__}) gets no `position_embeddings` or has no "
+            "`input_layernorm`; attention statistics need the transformers-5 layer interface. Pass "
+            "attention=False to profile without VAR.")
+    B, N, _ = x_in.shape
+    q, k = bb.project_qk(layer_idx, layer.input_layernorm(x_in), kwargs["position_embeddings"])
+    H, hd = q.shape[1], q.shape[-1]
+    allowed = allowed_keys(kwargs.get("attention_mask"), B, N, N, x_in.device)[:, 0]
+    if query_idx is not None:
+        q = q.gather(2, query_idx[:, None, :, None].expand(B, H, query_idx.shape[1], hd))
+        allowed = allowed.gather(1, query_idx[:, :, None].expand(B, query_idx.shape[1], N))
+    Q, g = q.shape[2], H // k.shape[1]
+    scores = q.float().reshape(B, k.shape[1], g * Q, hd) @ k.float().transpose(-1, -2)
+    scores = scores.view(B, H, Q, N) * bb.attention_scale(layer_idx)
+    cap = getattr(bb.attention(layer_idx), "attn_logit_softcapping", None)
+    if cap:
+        scores = torch.tanh(scores / cap) * cap
+    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return probs, allowed
+
+
+# ---------------------------------------------------------------------------------------------------
+# the accumulator (device tensors) behind profile()
+# ---------------------------------------------------------------------------------------------------
+class _Accumulator:
+    """Running sums on the model's device; one slice per layer, updated by the post hook."""
+
+    def __init__(self, bb: Backbone, device: torch.device, n_bins: int, eps: Sequence[float],
+                 attention: bool, keep: int):
+        L, E, f64 = bb.n_layers, len(eps), torch.float64
+        self.bb, self.device, self.n_bins, self.attention, self.keep = bb, device, n_bins, attention, keep
+        self.eps = torch.tensor(eps, dtype=torch.float32, device=device)
+        self.tok = torch.zeros(L, 4, 4, dtype=f64, device=device)  # count, sum d, sum d^2, sum ratio
+        self.hist = torch.zeros(L, 4 * n_bins, dtype=torch.int64, device=device)
+        self.dmin = torch.full((L, 4), math.inf, dtype=f64, device=device)
+        self.dmax = torch.full((L, 4), -math.inf, dtype=f64, device=device)
+        self.gt = torch.zeros(L, 4, E, dtype=f64, device=device)
+        self.samp = torch.zeros(L, 4, E, 3, dtype=f64, device=device)  # sum frac, sum frac^2, # any
+        self.samp_n = torch.zeros(L, 4, dtype=f64, device=device)
+        self.var = torch.zeros(L, 3, 2, dtype=f64, device=device)  # (mean, last, uniform) x (sum, sumsq)
+        self.var_n = torch.zeros(L, dtype=f64, device=device)
+        self.bad = torch.zeros(L, 4, dtype=f64, device=device)
+        self.n_samples = 0
+        self.pooled: dict[str, list[np.ndarray]] = {k: [] for k in _POOLED}
+        self._buf: dict[str, torch.Tensor] = {}
+
+    # -- per batch -------------------------------------------------------------------------------
+    def begin(self, layout: BatchLayout) -> None:
+        self.layout = layout
+        self.bad.zero_()
+        m = max(0, min(layout.batch, self.keep - self.n_samples))
+        L, d = self.bb.n_layers, self.bb.hidden_size
+        self._buf = {k: torch.full((m, L, d), math.nan, device=self.device) for k in _POOLED} if m else {}
+
+    def end(self, layout: BatchLayout) -> None:
+        if bool(self.bad.any()):  # the one host sync per batch
+            bad = self.bad.cpu().numpy()
+            layer = int(np.nonzero(bad.any(1))[0][0])
+            kinds = [_QUERY_MODALITIES[k] for k in range(3) if bad[layer, k] > 0]
+            raise NumericalError(
+                f"the output of layer {layer} holds NaN/inf for {', '.join(kinds)} tokens (batch starting at "
+                f"sample {self.n_samples}). Run the model in float32 or bfloat16 (float16 overflows in many "
+                "VLMs) and check the inputs (pixel_values normalised, no NaN).")
+        for key, buf in self._buf.items():
+            self.pooled[key].append(buf.cpu().numpy())
+        self.n_samples += layout.batch
+
+    # -- the hook ----------------------------------------------------------------------------------
+    def post(self, l: int, x_in: torch.Tensor, x_out: torch.Tensor, kwargs: dict, layout: BatchLayout) -> None:
+        if x_in.shape[:2] != layout.kinds.shape:
+            raise UnsupportedModelError(
+                f"layer {l} sees {tuple(x_in.shape[:2])} positions but input_ids has {tuple(layout.kinds.shape)}; "
+                "this class changes the sequence inside the model, which capture does not support.")
+        a, b = x_in.float(), x_out.float()
+        na, nb = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1)
+        chord = torch.linalg.vector_norm(a / na.clamp_min(1e-30)[..., None] - b / nb.clamp_min(1e-30)[..., None],
+                                         dim=-1).clamp(0.0, 2.0)  # |a_hat - b_hat| = sqrt(2 d)
+        d = 0.5 * chord * chord
+        self._token_sums(l, d, chord, nb / na, nb, layout)
+        self._sample_sums(l, d, layout)
+        if self.attention and layout.has_vision and layout.n_text_max > 0:
+            self._vision_attention(l, x_in, kwargs, layout)
+        if self._buf:
+            self._pool(l, a, b, layout)
+
+    def _token_sums(self, l, d, chord, ratio, nb, layout) -> None:
+        slot = layout.slot.reshape(-1)
+        d64 = d.reshape(-1).double()
+        vals = torch.stack([torch.ones_like(d64), d64, d64 * d64, ratio.reshape(-1).double()], -1)
+        self.tok[l] += torch.zeros(4, 4, dtype=torch.float64, device=d.device).index_add_(0, slot, vals).to(self.device)
+        bins = (chord.reshape(-1) * (self.n_bins / 2)).long().clamp_(0, self.n_bins - 1) + slot * self.n_bins
+        hist = torch.zeros(4 * self.n_bins, dtype=torch.int64, device=d.device)
+        self.hist[l] += hist.index_add_(0, bins, torch.ones_like(bins)).to(self.device)
+        for acc, how in ((self.dmin, "amin"), (self.dmax, "amax")):
+            acc[l] = acc[l].scatter_reduce(0, slot.to(self.device), d64.to(self.device), how)
+        bad = (~torch.isfinite(nb)).reshape(-1).double()
+        self.bad[l] += torch.zeros(4, dtype=torch.float64, device=d.device).index_add_(0, slot, bad).to(self.device)
+
+    def _sample_sums(self, l, d, layout) -> None:
+        kinds = layout.kinds
+        onehot = torch.stack([kinds == TokenKind.TEXT, kinds == TokenKind.VISION, kinds == TokenKind.SINK,
+                              kinds != TokenKind.PAD], -1).float()  # [B, N, 4]
+        above = (d[..., None] > self.eps.to(d.device)).float()  # [B, N, E]
+        counts = torch.einsum("bnk,bne->bke", onehot, above).double()  # [B, 4, E] exact integers
+        n_tok = onehot.sum(1).double()  # [B, 4]
+        frac = counts / n_tok.clamp_min(1)[..., None]
+        stats = torch.stack([frac, frac * frac, (counts > 0).double()], -1).sum(0)  # [4, E, 3]
+        self.gt[l] += counts.sum(0).to(self.device)
+        self.samp[l] += stats.to(self.device)
+        self.samp_n[l] += (n_tok > 0).sum(0).to(self.device)
+
+    def _vision_attention(self, l, x_in, kwargs, layout) -> None:
+        probs, allowed = attention_probs(self.bb, l, x_in, kwargs, layout.text_idx)  # [B,H,T,N], [B,T,N]
+        vision = layout.vision.float()
+        mass = torch.einsum("bhtn,bn->bt", probs, vision) / probs.shape[1]  # mean over heads
+        n_allowed = (allowed & (layout.kinds != TokenKind.PAD)[:, None]).sum(-1).clamp_min(1)
+        uniform = (allowed.float() @ vision[..., None])[..., 0] / n_allowed
+        valid = layout.text_valid.float()
+        n = valid.sum(1).clamp_min(1)
+        last_col = (layout.n_text - 1).clamp_min(0)[:, None]
+        per_sample = torch.stack([(mass * valid).sum(1) / n, mass.gather(1, last_col)[:, 0],
+                                  (uniform * valid).sum(1) / n], -1)  # [B, 3]
+        counted = ((layout.n_vision > 0) & (layout.n_text > 0)).double()[:, None]
+        per_sample = per_sample.double() * counted
+        self.var[l] += torch.stack([per_sample.sum(0), (per_sample * per_sample).sum(0)], -1).to(self.device)
+        self.var_n[l] += counted.sum().to(self.device)
+
+    def _pool(self, l, a, b, layout) -> None:
+        m = next(iter(self._buf.values())).shape[0]
+        vis = layout.vision[:m].float()
+        rows = torch.arange(m, device=a.device)
+        has_text = (layout.n_text[:m] > 0)[:, None]
+        for name, x in (("in", a[:m]), ("out", b[:m])):
+            self._buf[f"vision_{name}"][:, l] = (torch.einsum("bn,bnd->bd", vis, x) / vis.sum(1)[:, None]).to(self.device)
+            last = x[rows, layout.last_text[:m]].masked_fill(~has_text, math.nan)
+            self._buf[f"text_{name}"][:, l] = last.to(self.device)
+
+    # -- result ------------------------------------------------------------------------------------
+    def result(self, meta: dict) -> "LayerProfile":
+        L, nb = self.bb.n_layers, self.n_bins
+        np64 = lambda t: t.cpu().numpy()  # noqa: E731
+        arrays = {
+            "tok": np64(self.tok[:, :3]),
+            "hist": np64(self.hist.view(L, 4, nb)[:, :3]),
+            "dmin": np64(self.dmin[:, :3]), "dmax": np64(self.dmax[:, :3]),
+            "gt": np64(self.gt[:, :3]).round().astype(np.int64),
+            "samp": np64(self.samp), "samp_n": np64(self.samp_n).round().astype(np.int64),
+            "var": np64(self.var), "var_n": np64(self.var_n).round().astype(np.int64),
+            "n_samples": np.array(self.n_samples, dtype=np.int64),
+        }
+        pooled = {k: np.concatenate(v, 0) for k, v in self.pooled.items() if v}
+        return LayerProfile(meta, arrays, pooled)
+
+
+_POOLED = ("vision_in", "vision_out", "text_in", "text_out")
+
+
+def profile(model: nn.Module, batches: Iterable[Mapping[str, Any]] | Mapping[str, Any], *,
+            attention: bool = True, keep: int = 0, n_bins: int = N_BINS,
+            eps_grid: Sequence[float] = DEFAULT_EPS) -> "LayerProfile":
+    """Profile every decoder layer of ``model`` over ``batches`` in one streaming pass.
+
+    Parameters
+    ----------
+    model : a supported transformers VLM (see :class:`Backbone`), in any dtype/device.
+    batches : iterable of dicts of model inputs exactly as the processor returns them (a single dict
+        counts as one batch). Each is checked with :meth:`Backbone.check_inputs` and run once under
+        ``torch.no_grad`` with ``use_cache=False``.
+    attention : compute the vision attention ratio (VAR) per layer (costs the layer's q/k projections
+        again plus ``T x N`` scores per head).
+    keep : pooled states (vision-token mean and last text token, input and output of every layer,
+        float32 on CPU) of the first ``keep`` samples, in :attr:`LayerProfile.pooled`.
+    n_bins : histogram bins; edges are uniform in the chord ``c = |a_hat - b_hat| = sqrt(2 d)`` over
+        [0, 2], i.e. ``d`` edges ``2 (j / n_bins)^2`` over [0, 2]: bin width in ``d`` is about
+        ``2 sqrt(2 d) / n_bins`` (2.8e-5 at d = 1e-4, 2.8e-4 at d = 0.01, 2.8e-3 at d = 1 for 2000 bins).
+    eps_grid : thresholds with exact token counts of ``d > eps`` and per-sample fractions (tail
+        probabilities with confidence bounds are available on this grid only).
+
+    Raises
+    ------
+    UnsupportedModelError for classes :class:`Backbone` does not know; InputError for an empty
+    ``batches`` or inputs the class would mishandle; NumericalError when a layer's output holds
+    NaN/inf (naming the layer and modality).
+    """
+    bb = Backbone.of(model)
+    if keep < 0 or n_bins < 1:
+        raise InputError(f"keep must be >= 0 and n_bins >= 1; got keep={keep}, n_bins={n_bins}.")
+    eps = sorted(float(e) for e in eps_grid)
+    if not eps or eps[0] < 0 or eps[-1] > 2:
+        raise InputError(f"eps_grid must be non-empty values in [0, 2]; got {eps_grid!r}.")
+    device, dtype = _device_dtype(model)
+    acc = _Accumulator(bb, device, n_bins, eps, attention, keep)
+    for inputs, layout in iter_batches(bb, batches):
+        acc.begin(layout)
+        run_forward(bb, inputs, layout, post=acc.post)
+        acc.end(layout)
+    meta = {"model_class": type(model).__name__, "family": bb.family.name, "n_layers": bb.n_layers,
+            "hidden_size": bb.hidden_size, "dtype": str(dtype).replace("torch.", ""), "n_bins": n_bins,
+            "eps_grid": eps, "keep": keep, "attention": attention, "image_token_id": bb.image_token_id}
+    return acc.result(meta)
+
+
+# ---------------------------------------------------------------------------------------------------
+# the result
+# ---------------------------------------------------------------------------------------------------
+_ADD = ("tok", "hist", "gt", "samp", "samp_n", "var", "var_n", "n_samples")
+_MERGE_META = ("model_class", "n_layers", "hidden_size", "n_bins", "eps_grid", "attention")
+
+
+def _hoeffding_upper(total: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Hoeffding upper bound of the mean of ``n`` independent values in [0, 1] whose sum is
+    ``total``: ``total / n + sqrt(ln(1 / (1 - confidence)) / (2 n))``, clipped to 1."""
+    # TODO: switch to skipit_core.theory.hoeffding_upper once that module exists.
+    n = np.asarray(n, dtype=np.float64)
+    return np.minimum(1.0, total / n + np.sqrt(np.log(1.0 / (1.0 - confidence)) / (2.0 * n)))
+
+
+@dataclass(repr=False)
+class LayerProfile:
+    """Per-layer, per-modality statistics of one or more :func:`profile` passes (mergeable).
+
+    Modalities: ``"text"``, ``"vision"``, ``"sink"`` (the first attended token of each sample,
+    BOS/attention sink) and ``"all"`` (the three pooled; padding never counts). Layer ``l``'s
+    statistics compare *its* input ``x_in`` with *its* output ``x_out`` (0-based layers).
+    Arrays returned by the methods have shape ``[n_layers]``.
+    """
+
+    meta: dict
+    arrays: dict[str, np.ndarray]
+    pooled: dict[str, np.ndarray] = field(default_factory=dict)
+
+    # -- metadata ----------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return int(self.meta["n_layers"])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.meta["hidden_size"])
+
+    @property
+    def model_class(self) -> str:
+        return str(self.meta["model_class"])
+
+    @property
+    def n_samples(self) -> int:
+        """Number of samples (batch rows) profiled."""
+        return int(self.arrays["n_samples"])
+
+    @property
+    def eps_grid(self) -> np.ndarray:
+        """The thresholds with exact tail counts and per-sample fractions."""
+        return np.asarray(self.meta["eps_grid"], dtype=np.float64)
+
+    @property
+    def bin_edges(self) -> np.ndarray:
+        """Histogram edges in ``d``: ``2 (j / n_bins)^2`` for j = 0..n_bins (uniform in sqrt(2 d))."""
+        n = int(self.meta["n_bins"])
+        return 2.0 * (np.arange(n + 1) / n) ** 2
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{m} {int(self.count(m)[0])}" for m in MODALITIES)
+        var = "VAR" if self.arrays["var_n"].max(initial=0) > 0 else "no VAR"
+        pooled = f", pooled {len(next(iter(self.pooled.values())))}" if self.pooled else ""
+        return (f"LayerProfile({self.model_class}, {self.n_layers} layers, d={self.hidden_size}, "
+                f"{self.n_samples} samples; tokens per layer: {counts}; {var}{pooled})")
+
+    # -- helpers -----------------------------------------------------------------------------------
+    def _index(self, modality: str, with_all: bool = True) -> list[int]:
+        if modality == "all" and with_all:
+            return [0, 1, 2]
+        if modality in MODALITIES:
+            return [MODALITIES.index(modality)]
+        raise InputError(f"unknown modality {modality!r}; use one of {', '.join(_QUERY_MODALITIES)}.")
+
+    def _require(self, modality: str) -> None:
+        if self.count(modality).max(initial=0) == 0:
+            if modality == "vision":
+                raise InputError(
+                    "this profile saw no image tokens, so vision statistics are undefined: pass images "
+                    f"with the prompts and check the model's image_token_id ({self.meta.get('image_token_id')}) "
+                    "matches the processor's image token.")
+            raise InputError(f"this profile saw no {modality} tokens.")
+
+    def _tok(self, modality: str) -> np.ndarray:
+        return self.arrays["tok"][:, self._index(modality)].sum(1)  # [L, 4]
+
+    # -- geometric statistics ----------------------------------------------------------------------
+    def count(self, modality: str = "all") -> np.ndarray:
+        """Tokens seen per layer (``int64 [n_layers]``)."""
+        return self._tok(modality)[:, 0].round().astype(np.int64)
+
+    def mean_cos_dist(self, modality: str = "all") -> np.ndarray:
+        """``E[d(x_in, x_out)]`` over the modality's tokens, per layer (range [0, 2])."""
+        self._require(modality)
+        t = self._tok(modality)
+        return t[:, 1] / t[:, 0]
+
+    def var_cos_dist(self, modality: str = "all") -> np.ndarray:
+        """Population variance over tokens ``E[d^2] - E[d]^2`` (sums kept in float64)."""
+        self._require(modality)
+        t = self._tok(modality)
+        return np.maximum(t[:, 2] / t[:, 0] - (t[:, 1] / t[:, 0]) ** 2, 0.0)
+
+    def norm_ratio(self, modality: str = "all") -> np.ndarray:
+        """Mean over tokens of ``|x_out| / |x_in|`` per layer."""
+        self._require(modality)
+        t = self._tok(modality)
+        return t[:, 3] / t[:, 0]
+
+    def histogram(self, modality: str = "all") -> np.ndarray:
+        """Token counts ``int64 [n_layers, n_bins]`` over :attr:`bin_edges`."""
+        return self.arrays["hist"][:, self._index(modality)].sum(1)
+
+    def quantile(self, q: float | Sequence[float], modality: str = "all") -> np.ndarray:
+        """Token quantiles of ``d`` per layer from the histogram (``[n_layers]``, or ``[len(q), n_layers]``).
+
+        Linear interpolation in the chord ``sqrt(2 d)`` inside the bin, clipped to the exact running
+        min/max; error at most one bin width (see :func:`profile`). q=0/1 give the exact min/max.
+        """
+        self._require(modality)
+        qs = np.atleast_1d(np.asarray(q, dtype=np.float64))
+        if np.any((qs < 0) | (qs > 1)):
+            raise InputError(f"quantile levels must be in [0, 1]; got {q!r}.")
+        hist, idx = self.histogram(modality).astype(np.float64), self._index(modality)
+        lo, hi = self.arrays["dmin"][:, idx].min(1), self.arrays["dmax"][:, idx].max(1)
+        n_bins = hist.shape[1]
+        out = np.empty((len(qs), self.n_layers))
+        for li in range(self.n_layers):
+            cdf = np.cumsum(hist[li])
+            target = np.maximum(qs * cdf[-1], 1e-12)
+            j = np.minimum(np.searchsorted(cdf, target, side="left"), n_bins - 1)
+            below = np.where(j > 0, cdf[np.maximum(j - 1, 0)], 0.0)
+            chord = (j + (target - below) / np.maximum(hist[li][j], 1)) * 2.0 / n_bins
+            out[:, li] = np.clip(0.5 * chord**2, lo[li], hi[li])
+        out[qs == 0] = lo
+        out[qs == 1] = hi
+        return out[0] if np.ndim(q) == 0 else out
+
+    # -- proximal statistics -----------------------------------------------------------------------
+    def _grid_index(self, eps: float) -> int | None:
+        hits = np.nonzero(np.isclose(self.eps_grid, eps, rtol=1e-9, atol=0.0))[0]
+        return int(hits[0]) if len(hits) else None
+
+    def tail_prob(self, eps: float, modality: str = "all", confidence: float | None = None
+                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """``P(d > eps)`` per layer.
+
+        Without ``confidence``: the pooled token-level estimate (tokens with ``d > eps`` / tokens),
+        exact for ``eps`` on :attr:`eps_grid`, otherwise interpolated from the histogram (error at most
+        the mass of one bin).
+
+        With ``confidence`` (e.g. 0.95; ``eps`` must be on the grid): returns ``(estimate, upper)`` for
+        the *per-sample* quantity ``p = E_x[F(x)]``, ``F(x) = |{i in S(x): d_i > eps}| / |S(x)|`` the
+        fraction of the modality's tokens of sample ``x`` above ``eps`` (samples without such tokens
+        are left out). ``estimate`` is the mean of the ``n`` per-sample fractions (it weights samples
+        equally, so it differs from the pooled estimate when samples have different token counts) and
+        ``upper`` the one-sided Hoeffding bound ``estimate + sqrt(ln(1/(1 - confidence)) / (2 n))``,
+        valid when samples are independent draws from the input distribution.
+        """
+        self._require(modality)
+        k = self._grid_index(eps)
+        if confidence is None:
+            if k is not None:
+                return self.arrays["gt"][:, self._index(modality), k].sum(1) / self.count(modality)
+            return self._hist_tail(eps, modality)
+        if k is None:
+            raise InputError(f"confidence bounds need eps on the profile's grid {self.eps_grid.tolist()}; "
+                             "pass eps_grid=[...] to profile() to choose it.")
+        if not 0 < confidence < 1:
+            raise InputError(f"confidence must be in (0, 1); got {confidence}.")
+        m = _QUERY_MODALITIES.index(modality)
+        total, n = self.arrays["samp"][:, m, k, 0], self.arrays["samp_n"][:, m]
+        return total / n, _hoeffding_upper(total, n, confidence)
+
+    def any_exceeds(self, eps: float, modality: str = "all", confidence: float | None = None
+                    ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+        """Fraction of samples in which *some* token of the modality has ``d > eps`` (eps on the grid);
+        with ``confidence``, ``(estimate, Hoeffding upper bound)`` over samples (T2's per-sample form)."""
+        self._require(modality)
+        k = self._grid_index(eps)
+        if k is None:
+            raise InputError(f"eps must be on the profile's grid {self.eps_grid.tolist()}.")
+        m = _QUERY_MODALITIES.index(modality)
+        total, n = self.arrays["samp"][:, m, k, 2], self.arrays["samp_n"][:, m]
+        return total / n if confidence is None else (total / n, _hoeffding_upper(total, n, confidence))
+
+    def sample_count(self, modality: str = "all") -> int:
+        """Samples holding at least one token of the modality (the ``n`` of the confidence bounds)."""
+        return int(self.arrays["samp_n"][0, _QUERY_MODALITIES.index(modality)]) if self.n_layers else 0
+
+    def _hist_tail(self, eps: float, modality: str) -> np.ndarray:
+        hist = self.histogram(modality).astype(np.float64)
+        n_bins = hist.shape[1]
+        pos = math.sqrt(2.0 * min(max(eps, 0.0), 2.0)) * n_bins / 2.0  # eps in bin units of the chord
+        j = min(int(pos), n_bins - 1)
+        above = hist[:, j + 1:].sum(1) + hist[:, j] * (j + 1 - pos)
+        return above / hist.sum(1)
+
+    # -- cross-modal statistics --------------------------------------------------------------------
+    def vision_attention(self, variant: str = "mean") -> np.ndarray:
+        """Vision attention ratio VAR per layer.
+
+        For each sample with vision tokens and text queries (TEXT-kind positions: BOS/sink and vision
+        queries excluded), ``"mean"`` averages over heads and text queries the attention mass on vision
+        keys, ``sum_{j in V} A_h[t, j]``; ``"last"`` takes only the last text token; ``"uniform"`` is
+        the share ``|V_t| / |K_t|`` of vision keys among the (non-padding) keys query ``t`` may attend,
+        averaged the same way; ``"ratio"`` = mean / uniform. Per-sample values are averaged over
+        samples (each sample weighs the same).
+        """
+        if variant == "ratio":
+            return self.vision_attention("mean") / self.vision_attention("uniform")
+        if variant not in VAR_VARIANTS:
+            raise InputError(f"variant must be one of {VAR_VARIANTS + ('ratio',)}; got {variant!r}.")
+        if not self.meta.get("attention", True):
+            raise InputError("this profile was made with attention=False; profile again with attention=True.")
+        self._require("vision")
+        n = self.arrays["var_n"]
+        if n.max(initial=0) == 0:
+            raise InputError("no sample had both vision tokens and text queries; VAR is undefined.")
+        return self.arrays["var"][:, VAR_VARIANTS.index(variant), 0] / n
+
+    # -- tidy frame --------------------------------------------------------------------------------
+    @property
+    def frame(self) -> pd.DataFrame:
+        """Tidy table with columns ``layer, modality, statistic, value``.
+
+        Statistics per modality present: ``count``, ``mean_cos_dist``, ``var_cos_dist``,
+        ``norm_ratio``, ``q05``, ``q25``, ``q50``, ``q75``, ``q95`` and ``tail_prob@<eps>`` for every eps of
+        the grid; plus (modality ``"text"``, the queries) ``vision_attention_mean|last|uniform``.
+        """
+        layers = np.arange(self.n_layers)
+        parts = []
+
+        def add(modality: str, stat: str, values: np.ndarray) -> None:
+            parts.append(pd.DataFrame({"layer": layers, "modality": modality, "statistic": stat,
+                                       "value": np.asarray(values, dtype=np.float64)}))
+
+        for mod in _QUERY_MODALITIES:
+            if self.count(mod).max(initial=0) == 0:
+                continue
+            add(mod, "count", self.count(mod))
+            for name in ("mean_cos_dist", "var_cos_dist", "norm_ratio"):
+                add(mod, name, getattr(self, name)(mod))
+            for q, row in zip((5, 25, 50, 75, 95), self.quantile([0.05, 0.25, 0.5, 0.75, 0.95], mod)):
+                add(mod, f"q{q:02d}", row)
+            for e in self.eps_grid:
+                add(mod, f"tail_prob@{e:g}", self.tail_prob(e, mod))
+        if self.meta.get("attention", True) and self.arrays["var_n"].max(initial=0) > 0:
+            for variant in VAR_VARIANTS:
+                add("text", f"vision_attention_{variant}", self.vision_attention(variant))
+        return pd.concat(parts, ignore_index=True)
+
+    # -- merge / save / load -----------------------------------------------------------------------
+    def merge(self, other: "LayerProfile") -> "LayerProfile":
+        """The profile of both passes (a new object): sums and counts add, min/max combine, pooled
+        states concatenate up to ``keep``. Equal to one pass over both inputs (integer counters
+        exactly, float sums up to float64 rounding)."""
+        if not isinstance(other, LayerProfile):
+            raise InputError(f"can only merge LayerProfile objects, got {type(other).__name__}.")
+        for key in _MERGE_META:
+            if self.meta.get(key) != other.meta.get(key):
+                raise InputError(f"cannot merge profiles with different {key}: {self.meta.get(key)!r} vs "
+                                 f"{other.meta.get(key)!r}; profile all shards with the same model and options.")
+        arrays = {k: self.arrays[k] + other.arrays[k] for k in _ADD}
+        arrays["dmin"] = np.minimum(self.arrays["dmin"], other.arrays["dmin"])
+        arrays["dmax"] = np.maximum(self.arrays["dmax"], other.arrays["dmax"])
+        meta = dict(self.meta, keep=max(self.meta["keep"], other.meta["keep"]))
+        pooled = {}
+        for key in sorted(set(self.pooled) | set(other.pooled)):
+            parts = [p.pooled[key] for p in (self, other) if key in p.pooled]
+            pooled[key] = np.concatenate(parts, 0)[: meta["keep"]]
+        return LayerProfile(meta, arrays, pooled)
+
+    def save(self, path: str | Path) -> Path:
+        """Write one ``.npz`` (arrays, pooled states and JSON metadata; loadable without pickle)."""
+        path = Path(path)
+        payload = {f"a__{k}": v for k, v in self.arrays.items()}
+        payload.update({f"p__{k}": v for k, v in self.pooled.items()})
+        payload["meta"] = np.array(json.dumps(self.meta))
+        with open(path, "wb") as handle:
+            np.savez_compressed(handle, **payload)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LayerProfile":
+        """Read a profile written by :meth:`save`."""
+        with np.load(Path(path), allow_pickle=False) as data:
+            meta = json.loads(str(data["meta"]))
+            arrays = {k[3:]: data[k] for k in data.files if k.startswith("a__")}
+            pooled = {k[3:]: data[k] for k in data.files if k.startswith("p__")}
+        return cls(meta, arrays, pooled)
