@@ -159,6 +159,16 @@ class _StopForward(Exception):
     """Raised by a hook to end a forward early (nothing after the last needed layer runs)."""
 
 
+def _cos_dist(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Row-wise ``d = 1 - <a,b>/(|a||b|)`` in [0, 2], computed as ``|a_hat - b_hat|^2 / 2`` (accurate for
+    small d, exactly 0 for equal rows). Returns ``d``, the chord ``|a_hat - b_hat| = sqrt(2 d)`` and both
+    norms. A zero row has no direction: ``cos := 0``, ``d = 1`` (torch's ``cosine_similarity`` convention)."""
+    na, nb = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1)
+    diff = a / na.clamp_min(1e-30)[..., None] - b / nb.clamp_min(1e-30)[..., None]
+    d = (0.5 * diff.square().sum(-1)).clamp(0.0, 2.0).masked_fill((na == 0) | (nb == 0), 1.0)
+    return d, (2.0 * d).sqrt(), na, nb
+
+
 def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
@@ -336,10 +346,7 @@ class _Accumulator:
                 f"layer {l} sees {tuple(x_in.shape[:2])} positions but input_ids has {tuple(layout.kinds.shape)}; "
                 "this class changes the sequence inside the model, which capture does not support.")
         a, b = x_in.float(), x_out.float()
-        na, nb = torch.linalg.vector_norm(a, dim=-1), torch.linalg.vector_norm(b, dim=-1)
-        chord = torch.linalg.vector_norm(a / na.clamp_min(1e-30)[..., None] - b / nb.clamp_min(1e-30)[..., None],
-                                         dim=-1).clamp(0.0, 2.0)  # |a_hat - b_hat| = sqrt(2 d)
-        d = 0.5 * chord * chord
+        d, chord, na, nb = _cos_dist(a, b)
         self._token_sums(l, d, chord, nb / na, nb, layout)
         self._sample_sums(l, d, layout)
         if self.attention and layout.has_vision and layout.n_text_max > 0:
@@ -473,8 +480,11 @@ _MERGE_META = ("model_class", "n_layers", "hidden_size", "n_bins", "eps_grid", "
 
 def _hoeffding_upper(total: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
     """One-sided Hoeffding upper bound of the mean of ``n`` independent values in [0, 1] whose sum is
-    ``total``: ``total / n + sqrt(ln(1 / (1 - confidence)) / (2 n))``, clipped to 1."""
-    # TODO: switch to skipit_core.theory.hoeffding_upper once that module exists.
+    ``total``: ``total / n + sqrt(ln(1 / (1 - confidence)) / (2 n))``, clipped to 1.
+
+    :func:`skipit_core.theory.hoeffding_upper` is the same inequality for integer success counts (it
+    rejects the fractional sums of per-sample fractions used here); integer counts go through it.
+    """
     n = np.asarray(n, dtype=np.float64)
     return np.minimum(1.0, total / n + np.sqrt(np.log(1.0 / (1.0 - confidence)) / (2.0 * n)))
 
@@ -646,8 +656,11 @@ class LayerProfile:
         if k is None:
             raise InputError(f"eps must be on the profile's grid {self.eps_grid.tolist()}.")
         m = _QUERY_MODALITIES.index(modality)
-        total, n = self.arrays["samp"][:, m, k, 2], self.arrays["samp_n"][:, m]
-        return total / n if confidence is None else (total / n, _hoeffding_upper(total, n, confidence))
+        total, n = self.arrays["samp"][:, m, k, 2].round(), self.arrays["samp_n"][:, m]
+        if confidence is None:
+            return total / n
+        from .theory import hoeffding_upper
+        return total / n, np.asarray(hoeffding_upper(total, n, confidence), dtype=np.float64)
 
     def sample_count(self, modality: str = "all") -> int:
         """Samples holding at least one token of the modality (the ``n`` of the confidence bounds)."""
