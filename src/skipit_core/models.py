@@ -124,6 +124,8 @@ def allowed_keys(attention_mask: torch.Tensor | None, batch: int, q_len: int, kv
         q_pos = torch.arange(q_len, device=device)[:, None] + (kv_len - q_len)
         k_pos = torch.arange(kv_len, device=device)[None, :]
         return (k_pos <= q_pos).expand(batch, 1, q_len, kv_len)
+    if attention_mask.dim() == 2:  # flash-attention layers get the [B, kv] padding mask: causal & padding
+        return allowed_keys(None, batch, q_len, kv_len, device) & attention_mask[:, None, None, -kv_len:].bool()
     mask = attention_mask[..., -q_len:, -kv_len:]
     if mask.dtype != torch.bool:
         mask = mask > torch.finfo(mask.dtype).min / 2
