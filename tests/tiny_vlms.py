@@ -202,7 +202,10 @@ def build_gemma3(n_layers=4):
     def extra(n_images):
         return {"pixel_values": torch.randn(n_images, 3, 16, 16)}
 
-    return tf.Gemma3ForConditionalGeneration(cfg), 4, extra
+    model = tf.Gemma3ForConditionalGeneration(cfg)
+    # HF initialises the projection to zeros: every image token would be the zero vector.
+    torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=0.2)
+    return model, 4, extra
 
 
 def build_llava_next(n_layers=4):
