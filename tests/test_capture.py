@@ -302,3 +302,12 @@ def test_unsupported_model_raises():
         profile(torch.nn.Linear(3, 3), [{"input_ids": torch.ones(1, 2, dtype=torch.long)}])
     with pytest.raises(SkipitError, match="keep"):
         profile(make("llava").model, [], keep=-1)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_right_padding_equals_left_padding(name):
+    tiny = make(name)
+    kw = dict(prompts=[(2, 3), (0, 1), (1, 4)], seed=13)
+    left = profile(tiny.model, [tiny.inputs(pad_left=True, **kw)], keep=3)
+    right = profile(tiny.model, [tiny.inputs(pad_left=False, **kw)], keep=3)
+    assert_profiles_close(left, right, atol=1e-5)

@@ -255,9 +255,9 @@ def run_forward(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, 
 
 
 def last_logprobs(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, **hooks) -> torch.Tensor:
-    """Float32 log-probabilities ``[B, V]`` of the next token at each sample's last position,
-    under the given hooks (see :func:`run_forward`)."""
-    return torch.log_softmax(run_forward(model, inputs, layout, logits=True, **hooks).float(), dim=-1)
+    """Float64 log-probabilities ``[B, V]`` of the next token at each sample's last position,
+    under the given hooks (see :func:`run_forward`); float64 keeps small KL divergences accurate."""
+    return torch.log_softmax(run_forward(model, inputs, layout, logits=True, **hooks).double(), dim=-1)
 
 
 def attention_probs(bb: Backbone, layer_idx: int, x_in: torch.Tensor, kwargs: dict,

@@ -1,0 +1,243 @@
+"""The layer scores of popular skipping methods, computed on the same footing as the profile.
+
+Every function here goes through the hook machinery of :mod:`skipit_core.capture` (one forward per
+batch and ablation, hooks always removed, the model left as it was) and returns per-layer NumPy
+arrays, 0-based: entry ``l`` scores decoder layer ``l`` (or, for block scores, the block starting at
+layer ``l``).
+
+=====================  ===========================================  ==================================
+score                  what it measures                             paper
+=====================  ===========================================  ==================================
+block_influence        ``1 - E cos(x_in, x_out)`` over all tokens   ShortGPT, arXiv:2403.03853
+angular_distance       angle between last-token states n apart      Gromov et al., arXiv:2403.17887
+layer_contribution     KL when vision rows skip layer l             ShortV, arXiv:2504.00502
+vtw_kl                 KL when text stops seeing vision from k on   VTW, arXiv:2405.13800
+fastv_scores           attention received by each vision token      FastV, arXiv:2403.06764
+=====================  ===========================================  ==================================
+
+KL divergences are in nats, between next-token distributions at each sample's last non-padding
+position, averaged over samples (log-softmax and sums in float64).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import BatchLayout, LayerProfile, attention_probs, iter_batches, last_logprobs, run_forward
+from .errors import InputError, UnsupportedModelError
+from .models import Backbone, TokenKind, allowed_keys
+
+__all__ = ["block_influence", "angular_distance", "layer_contribution", "vtw_kl", "fastv_scores",
+           "FastVScores"]
+
+Batches = Iterable[Mapping[str, Any]] | Mapping[str, Any]
+
+
+def _kl(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``KL(P || Q) = sum_v p_v (log p_v - log q_v)`` per row, float64 ``[B]``."""
+    return F.kl_div(logq.double(), logp.double(), log_target=True, reduction="none").sum(-1)
+
+
+def _mean(total: torch.Tensor, n: torch.Tensor, what: str) -> np.ndarray:
+    if float(n) == 0:
+        raise InputError(f"no sample had {what}; pass batches with images.")
+    return (total / n).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------------- ShortGPT
+def block_influence(profile: LayerProfile, modality: str = "all") -> np.ndarray:
+    """ShortGPT block influence ``BI_l = 1 - E_{x,t}[ <x_in^t, x_out^t> / (|x_in^t| |x_out^t|) ]``.
+
+    Men et al. 2024, "ShortGPT: Layers in Large Language Models are More Redundant Than You Expect",
+    arXiv:2403.03853. The expectation runs over all tokens (``modality="all"``: text, vision and the
+    sink; padding never counts), so ``BI_l`` is the profile's mean cosine distance of layer ``l``
+    (range [0, 2]); a low BI marks a layer ShortGPT would remove. ``modality`` restricts the tokens.
+    """
+    return profile.mean_cos_dist(modality)
+
+
+# ------------------------------------------------------------------------------ Gromov et al.
+def angular_distance(model: nn.Module, batches: Batches, n: int = 1) -> np.ndarray:
+    """Angular distance of blocks of ``n`` layers, ``[n_layers - n + 1]``.
+
+    Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers", arXiv:2403.17887:
+    ``d(x^l, x^{l+n}) = (1/pi) arccos( <x_l^T, x_{l+n}^T> / (|x_l^T| |x_{l+n}^T|) )``, in [0, 1], where
+    ``x_l^T`` is the last token's state at the *input* of layer ``l`` and ``x_{l+n}^T`` the *output* of
+    layer ``l + n - 1`` (read by a hook, before the final norm), averaged over samples. Entry ``l``
+    scores the block of layers ``[l, l + n)``; Gromov et al. prune the block with the smallest value.
+    The angle is computed as ``2 atan2(|a_hat - b_hat|, |a_hat + b_hat|)`` in float64 (stable near 0).
+    """
+    bb = Backbone.of(model)
+    L = bb.n_layers
+    if not 1 <= n <= L:
+        raise InputError(f"block size n must be in [1, {L}]; got {n}.")
+    total, count = torch.zeros(L - n + 1, dtype=torch.float64), 0
+    for inputs, layout in iter_batches(bb, batches):
+        rows = torch.arange(layout.batch, device=layout.kinds.device)
+        states: dict[int, torch.Tensor] = {}
+
+        def post(l, x_in, x_out, kwargs, layout, rows=rows, states=states):
+            states[l] = x_in[rows, layout.last_pos].double()
+            if l == L - 1:
+                states[L] = x_out[rows, layout.last_pos].double()
+
+        run_forward(bb, inputs, layout, post=post)
+        x = F.normalize(torch.stack([states[l] for l in range(L + 1)], 1), dim=-1)  # [B, L+1, d]
+        a, b = x[:, : L - n + 1], x[:, n:]
+        angle = 2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1)) / math.pi
+        total += angle.sum(0).cpu()
+        count += layout.batch
+    return (total / count).numpy()
+
+
+# -------------------------------------------------------------------------------------- ShortV
+def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int] | None = None) -> np.ndarray:
+    """ShortV layer contribution ``LC_l = E_x KL(P_full(. | x) || P_l(. | x))``, ``[len(layers)]``.
+
+    Yuan et al. 2025, "ShortV: Efficient Multimodal Large Language Models by Freezing Visual Tokens in
+    Ineffective Layers", arXiv:2504.00502. ``P_l`` is the next-token distribution at the last position
+    when the vision tokens skip layer ``l`` (a forward hook restores the vision rows of layer ``l``'s
+    output to its input; text rows are updated as usual). Averaged over samples holding vision tokens;
+    in nats. ShortV freezes vision tokens in the layers with the smallest LC. The last layer's LC is 0
+    by construction (no later layer reads its vision rows). One extra forward per layer and batch.
+    """
+    bb = Backbone.of(model)
+    layers = list(range(bb.n_layers)) if layers is None else [int(l) for l in layers]
+    total, n = torch.zeros(len(layers), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for inputs, layout in iter_batches(bb, batches):
+        if not layout.has_vision:
+            continue
+        has = (layout.n_vision > 0).double()
+        base = last_logprobs(bb, inputs, layout)
+        for i, target in enumerate(layers):
+            def freeze(l, x_in, x_out, kwargs, layout, target=target):
+                return torch.where(layout.vision[..., None], x_in, x_out) if l == target else None
+
+            total[i] += (_kl(base, last_logprobs(bb, inputs, layout, post=freeze)) * has.to(base.device)).sum().cpu()
+        n += has.sum().cpu()
+    return _mean(total, n, "vision tokens")
+
+
+# ----------------------------------------------------------------------------------------- VTW
+def _mask_like(allowed: torch.Tensor, original: torch.Tensor | None) -> torch.Tensor:
+    """``allowed [B, 1, q, kv]`` in the format of the mask the layer was given (bool or additive)."""
+    if original is None or original.dtype == torch.bool:
+        return allowed
+    return torch.zeros(allowed.shape, dtype=original.dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(original.dtype).min)
+
+
+def _withdraw_vision(kwargs: dict, layout: BatchLayout) -> dict:
+    """``kwargs`` with an attention mask in which text and sink queries cannot see vision keys."""
+    mask = kwargs.get("attention_mask")
+    if mask is not None and mask.dim() == 2:
+        raise UnsupportedModelError("vtw_kl edits the 4-D attention mask; flash attention gets none. Use "
+                                    "model.set_attn_implementation('sdpa') or 'eager'.")
+    B, N = layout.batch, layout.seq
+    allowed = allowed_keys(mask, B, N, N, layout.kinds.device)
+    queries = (layout.kinds == TokenKind.TEXT) | (layout.kinds == TokenKind.SINK)
+    cut = queries[:, None, :, None] & layout.vision[:, None, None, :]
+    return dict(kwargs, attention_mask=_mask_like(allowed & ~cut, mask))
+
+
+def vtw_kl(model: nn.Module, batches: Batches, ks: Sequence[int] | None = None) -> np.ndarray:
+    """Visual-token-withdrawal KL ``E_x KL(P_full || P_k)`` for each withdrawal layer ``k`` in ``ks``
+    (default ``0..n_layers``; ``k = n_layers`` withdraws nothing, so its KL is 0).
+
+    Lin et al., "Boosting Multimodal Large Language Models with Visual Tokens Withdrawal for Rapid
+    Inference", arXiv:2405.13800 (AAAI 2025). ``P_k`` is the last-position next-token distribution when
+    vision tokens are withdrawn from layer ``k`` on: a pre-hook on every layer ``l >= k`` edits the
+    attention mask it receives so text (and sink) queries cannot attend vision keys. This is a
+    *measurement*: the vision rows are still computed, so nothing is faster; the skip engine
+    (:mod:`skipit_core.skip`) removes the rows. Averaged over samples holding vision tokens; nats.
+    VTW withdraws from the smallest ``k`` whose KL is below a threshold.
+    """
+    bb = Backbone.of(model)
+    ks = list(range(bb.n_layers + 1)) if ks is None else [int(k) for k in ks]
+    total, n = torch.zeros(len(ks), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for inputs, layout in iter_batches(bb, batches):
+        if not layout.has_vision:
+            continue
+        has = (layout.n_vision > 0).double()
+        base = last_logprobs(bb, inputs, layout)
+        for i, k in enumerate(ks):
+            def withdraw(l, x_in, kwargs, layout, k=k):
+                return _withdraw_vision(kwargs, layout) if l >= k else None
+
+            total[i] += (_kl(base, last_logprobs(bb, inputs, layout, pre=withdraw)) * has.to(base.device)).sum().cpu()
+        n += has.sum().cpu()
+    return _mean(total, n, "vision tokens")
+
+
+# --------------------------------------------------------------------------------------- FastV
+@dataclass
+class FastVScores:
+    """Attention each vision token receives in one layer, per sample.
+
+    ``scores[i]`` (float64, one entry per vision token of sample ``i``, in sequence order) and
+    ``positions[i]`` (their sequence positions in the padded batch ``i`` came from).
+    """
+
+    layer: int
+    query: str
+    scores: list[np.ndarray]
+    positions: list[np.ndarray]
+
+    @property
+    def ranking(self) -> list[np.ndarray]:
+        """Per sample, indices into ``scores[i]`` from most to least attended (stable for ties)."""
+        return [np.argsort(-s, kind="stable") for s in self.scores]
+
+    def keep(self, ratio: float) -> list[np.ndarray]:
+        """Per sample, the positions FastV keeps when it prunes a fraction ``1 - ratio`` of vision tokens."""
+        if not 0 <= ratio <= 1:
+            raise InputError(f"ratio must be in [0, 1]; got {ratio}.")
+        return [np.sort(p[r[: math.ceil(ratio * len(r))]]) for p, r in zip(self.positions, self.ranking)]
+
+
+def fastv_scores(model: nn.Module, batches: Batches, layer: int, query: str = "all") -> FastVScores:
+    """FastV attention scores of the vision tokens in decoder layer ``layer``.
+
+    Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2", arXiv:2403.06764. The score of
+    vision token ``j`` is ``s_j = (1/H) sum_h (1/|Q|) sum_{q in Q} A_h[q, j]`` with ``A_h`` the layer's
+    attention probabilities (recomputed from its queries/keys, see
+    :func:`skipit_core.capture.attention_probs`) and ``Q`` all non-padding queries (``query="all"``, the
+    paper's average attention received) or only the last position (``query="last"``, FastV's
+    released code). FastV with ``K = 2`` ranks with layer index ``layer = 1`` and prunes the lowest-
+    ranked tokens from layer 2 on. The forward stops after ``layer``.
+    """
+    bb = Backbone.of(model)
+    if not 0 <= layer < bb.n_layers:
+        raise InputError(f"layer must be in [0, {bb.n_layers - 1}]; got {layer}.")
+    if query not in ("all", "last"):
+        raise InputError(f"query must be 'all' or 'last'; got {query!r}.")
+    scores, positions = [], []
+    for inputs, layout in iter_batches(bb, batches):
+        got: dict[str, torch.Tensor] = {}
+
+        def post(l, x_in, x_out, kwargs, layout, got=got):
+            if l != layer:
+                return None
+            idx = layout.last_pos[:, None] if query == "last" else None
+            probs = attention_probs(bb, l, x_in, kwargs, idx)[0].mean(1)  # [B, Q, N]
+            if query == "all":
+                real = (layout.kinds != TokenKind.PAD).float()
+                probs = (probs * real[..., None]).sum(1) / real.sum(1, keepdim=True)
+            got["s"] = probs.reshape(layout.batch, layout.seq)
+            return None
+
+        run_forward(bb, inputs, layout, post=post, stop_after=layer)
+        s, vision = got["s"].double().cpu().numpy(), layout.vision.cpu().numpy()
+        for b in range(layout.batch):
+            pos = np.nonzero(vision[b])[0]
+            scores.append(s[b, pos])
+            positions.append(pos)
+    return FastVScores(layer, query, scores, positions)
