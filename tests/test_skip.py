@@ -17,7 +17,7 @@ from skipit_core.skip import LayerMode, SkipLayer, SkipPlan, Work, skipping
 from skipit_core.skip import runtime
 from tiny_vlms import IMAGE_ID, PAD_ID, make
 
-NAMES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma"]
+NAMES = ["llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "paligemma", "gemma3", "qwen3_vl", "smolvlm", "llava_next"]
 N_LAYERS = 4
 _MODELS: dict = {}
 
@@ -136,6 +136,8 @@ def pruned_copy(model, skip: set[int]):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_whole_layers_equal_a_pruned_copy(name):
+    if name == "qwen3_vl":
+        pytest.skip("Qwen3-VL adds deepstack features after layers 0..d-1 by index: a pruned copy moves them")
     t = tiny(name)
     inputs = t.inputs(prompts=[(2, 3), (1, 2)])
     for skip in ({0, 2}, {3}):
@@ -156,6 +158,10 @@ def layer_inputs(model, inputs: dict, name: str) -> dict:
             mask = allowed_keys(kwargs.get("attention_mask"), x.shape[0], n, n, x.device)
             seen[i] = (x, mask, kwargs["position_embeddings"])
         handles.append(layer.register_forward_pre_hook(hook, with_kwargs=True))
+
+    def deepstack(module, args, kwargs):  # Qwen3-VL adds visual features to vision rows after early layers
+        seen["deepstack"] = (kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds") or [])
+    handles.append(bb.text_model.register_forward_pre_hook(deepstack, with_kwargs=True))
     try:
         logits(model, inputs, name)
     finally:
@@ -169,6 +175,8 @@ def manual_logits(model, inputs: dict, name: str, plan: SkipPlan) -> torch.Tenso
 
     FULL: all rows; TEXT: text rows only (vision rows keep their states, are absent as keys);
     FREEZE: the whole layer, then the vision rows get their input back; SKIP: identity.
+    Qwen3-VL's deepstack features are added to the vision rows after layer i as the model does, whatever
+    the plan did in layer i.
     """
     assert inputs["input_ids"].shape[0] == 1
     bb = Backbone.of(model)
@@ -177,17 +185,20 @@ def manual_logits(model, inputs: dict, name: str, plan: SkipPlan) -> torch.Tenso
     h = seen[0][0]
     with torch.no_grad():
         for i, mode in enumerate(plan.modes(bb.n_layers)):
-            if mode is LayerMode.SKIP:
-                continue
-            _, mask, (cos, sin) = seen[i]
-            rows = torch.nonzero(~vision).squeeze(1) if mode is LayerMode.TEXT else torch.arange(h.shape[1])
-            sub_mask = mask[:, :, rows][:, :, :, rows]
-            out = bb.layers[i](h[:, rows], attention_mask=sub_mask, position_embeddings=(cos[:, rows], sin[:, rows]),
-                               position_ids=None, past_key_values=None, use_cache=False)
-            if mode is LayerMode.FREEZE:
-                out = torch.where(vision[None, :, None], h, out)
-            h = h.clone()
-            h[:, rows] = out
+            if mode is not LayerMode.SKIP:
+                _, mask, (cos, sin) = seen[i]
+                rows = torch.nonzero(~vision).squeeze(1) if mode is LayerMode.TEXT else torch.arange(h.shape[1])
+                out = bb.layers[i](h[:, rows], attention_mask=mask[:, :, rows][:, :, :, rows],
+                                   position_embeddings=(cos[:, rows], sin[:, rows]),
+                                   position_ids=None, past_key_values=None, use_cache=False)
+                if mode is LayerMode.FREEZE:
+                    out = torch.where(vision[None, :, None], h, out)
+                h = h.clone()
+                h[:, rows] = out
+            where, extra = seen["deepstack"]
+            if i < len(extra):
+                h = h.clone()
+                h[where] += extra[i]
         return model.lm_head(bb.norm(h))
 
 
