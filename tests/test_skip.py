@@ -63,6 +63,12 @@ def logits(model, inputs: dict, name: str) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- plans themselves
+def test_top_level_names():
+    import skipit_core as sk
+
+    assert sk.SkipPlan is SkipPlan and sk.skipping is skipping
+
+
 def test_plan_composes_prints_and_reports_modes():
     plan = SkipPlan.late_entry(2) | SkipPlan.early_exit(10) | SkipPlan.whole_layers([5, 6, 7]) \
         | SkipPlan.vision_freeze(range(3, 5))
@@ -317,6 +323,19 @@ def test_generate_with_cache_matches_no_cache_recomputation(name, kind):
     keep = torch.ones(got.shape[-1], dtype=torch.bool)
     keep[banned(t.model)] = False
     torch.testing.assert_close(got[..., keep], ref[..., keep], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_beam_search_with_cache_matches_without(name):
+    """Beam search reorders the cache rows each step; the ledger's per-row columns must follow."""
+    t = tiny(name)
+    inputs = t.inputs(prompts=[(2, 3), (1, 2)], images=[True, False])
+    kwargs = dict(max_new_tokens=3, num_beams=2, do_sample=False, suppress_tokens=banned(t.model),
+                  pad_token_id=PAD_ID)
+    with skipping(t.model, plans()["mixed"]), torch.no_grad():
+        cached = t.model.generate(**inputs, **kwargs)
+        uncached = t.model.generate(**inputs, **kwargs, use_cache=False)
+    assert torch.equal(cached, uncached)
 
 
 @pytest.mark.parametrize("kind", ["whole", "mixed", "late_entry"])

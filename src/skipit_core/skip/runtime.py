@@ -430,8 +430,9 @@ def _run_freeze(layer: nn.Module, index: int, step: Step, x: torch.Tensor, kwarg
     if hasattr(attn, "q_norm"):
         q, k = attn.q_norm(q), attn.k_norm(k)
     cos_kept, sin_kept = step.gather_rotary((cos, sin))
-    q = rope(q.transpose(1, 2), q.transpose(1, 2), cos_kept, sin_kept)[0]
-    k = rope(k.transpose(1, 2), k.transpose(1, 2), cos, sin)[1]
+    q, k = q.transpose(1, 2), k.transpose(1, 2)  # the rope function rotates a pair; the partner is 1 head
+    q = rope(q, q[:, :1], cos_kept, sin_kept)[0]
+    k = rope(k[:, :1], k, cos, sin)[1]
     cache = kwargs.get("past_key_values")
     if cache is not None:
         k, v = cache.update(k, v, attn.layer_idx)
