@@ -36,7 +36,6 @@ import numpy as np
 import torch
 from scipy import linalg as sla
 from scipy import sparse
-from scipy.spatial import cKDTree
 from scipy.special import digamma, ndtri
 from scipy.stats import rankdata
 
@@ -68,10 +67,11 @@ __all__ = [
 METHODS = ("discrete", "gaussian", "gcmi", "ksg")
 LN2 = math.log(2.0)
 
-# KSG backend rule (measured on a 2-core Xeon, n = 5000 and 20000): a KD-tree prunes well up to a
-# joint dimension of about 8 and then degrades towards brute force with a large constant; blocked
-# torch distances cost O(n^2) almost independently of d. So: tree if joint dim <= 8, else torch.
-KSG_TREE_MAX_DIM = 8
+# KSG backend rule (measured on a 2-core Xeon, n = 2000-20000, dx = dy = 1..16): a Chebyshev KD-tree
+# (scikit-learn, which counts neighbours within a radius without listing them) beats blocked torch
+# distances up to a joint dimension of 16 at every n tried (e.g. 0.8 s vs 1.5 s at n = 5000, joint
+# 16); at joint dimension 32 torch wins (2.4 s vs 3.2 s). So: tree if joint dim <= 16, else torch.
+KSG_TREE_MAX_DIM = 16
 _TORCH_BLOCK_ELEMS = 4_000_000  # rows per block = this // n: about 32 MB per float64 distance block
 
 
@@ -199,13 +199,12 @@ def ledoit_wolf_covariance(x) -> tuple[np.ndarray, float]:
     ``b^2 = (1/n^2) sum_i ||x_i x_i^T - S||_F^2 = (sum_i ||x_i||^4 - n ||S||_F^2) / n^2``.
     Returns ``(covariance, s)``.
     """
-    arr = _samples(x, "x")
-    xc = arr - arr.mean(0)
+    xc = _centred_tensor(_samples(x, "x"))
     n, p = xc.shape
-    s_mat = xc.T @ xc / n
+    s_mat = (xc.T @ xc / n).numpy()
     mu = np.trace(s_mat) / p
     d2 = float(((s_mat - mu * np.eye(p)) ** 2).sum())
-    b2 = float(((np.einsum("ij,ij->i", xc, xc) ** 2).sum() - n * (s_mat**2).sum()) / n**2)
+    b2 = (float(((xc * xc).sum(1) ** 2).sum()) - n * float((s_mat**2).sum())) / n**2
     shrink = 0.0 if d2 <= 0 else min(1.0, max(b2, 0.0) / d2)
     return (1.0 - shrink) * s_mat + shrink * mu * np.eye(p), shrink
 
@@ -222,7 +221,8 @@ def copula_normalize(x) -> np.ndarray:
 
 def _logdet(cov: np.ndarray) -> float:
     try:
-        chol = np.linalg.cholesky(cov)
+        with _single_thread_blas():  # small matrix: BLAS threads only add contention
+            chol = np.linalg.cholesky(cov)
     except np.linalg.LinAlgError as exc:
         raise NumericalError("covariance is not positive definite (collinear columns?); drop duplicated "
                              "or linearly dependent columns, or reduce with PCA first.") from exc
@@ -236,21 +236,30 @@ def _gaussian_info(cov: np.ndarray, *blocks: Sequence[int]) -> float:
     return 0.5 * (parts - _logdet(cov[np.ix_(idx, idx)])) / LN2
 
 
-def _whiten(block: np.ndarray) -> np.ndarray:
-    """Symmetric whitening ``x -> x S^{-1/2}`` of a centred block; a near-singular block is returned as is."""
-    evals, evecs = np.linalg.eigh(block.T @ block / block.shape[0])
+def _centred_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Column-centred float64 tensor. The data-sized products below run in torch: its BLAS keeps its
+    speed when other processes load the CPU, where a multi-threaded OpenBLAS can slow down 30x."""
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float64))
+    return t - t.mean(0)
+
+
+def _whiten(block: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """Symmetric whitening ``x -> x S^{-1/2}`` of a centred block, and whether it was whitened; a
+    near-singular block is only scaled to unit column variances."""
+    with _single_thread_blas():
+        evals, evecs = np.linalg.eigh((block.T @ block / block.shape[0]).numpy())
     if evals[0] <= 1e-10 * evals[-1]:
-        return block
-    return block @ (evecs / np.sqrt(evals)) @ evecs.T
+        return block / block.std(0, unbiased=False), False
+    return block @ torch.from_numpy((evecs / np.sqrt(evals)) @ evecs.T), True
 
 
 def _gaussianized(arrays: Sequence[np.ndarray], names: Sequence[str], method: str) -> tuple[np.ndarray, list]:
     """Joint shrinkage covariance of the variables (whitened blocks) and their index blocks.
 
-    Each column is z-scored (``gaussian``) or copula-normalised (``gcmi``) and each variable's block
-    is whitened, so the within-block covariances are exactly the identity and all the dependence
-    sits in the cross-block covariances ``C``. Those are shrunk towards 0 with the Ledoit-Wolf
-    (2004) intensity restricted to the estimated entries:
+    Each column is copula-normalised (``gcmi``; ``gaussian`` uses the columns as they are) and each
+    variable's block is centred and whitened, so the within-block covariances are the identity and
+    all the dependence sits in the cross-block covariances ``C``. Those are shrunk towards 0 with
+    the Ledoit-Wolf (2004) intensity restricted to the estimated entries:
     ``s = min(1, sum_i ||x_i x_i^T - S||_off^2 / (n^2 ||S||_off^2))``, ``||.||_off`` the Frobenius
     norm over the off-diagonal blocks. The canonical correlations are thus shrunk by ``1 - s``
     (``s = O(1/n)``) and the estimate is invariant under invertible linear maps of each variable.
@@ -260,24 +269,29 @@ def _gaussianized(arrays: Sequence[np.ndarray], names: Sequence[str], method: st
     """
     for a, nm in zip(arrays, names):
         _check_not_constant(a, nm)
-    bounds = np.cumsum([0] + [a.shape[1] for a in arrays])
-    joint = np.concatenate(arrays, axis=1)
-    joint = copula_normalize(joint) if method == "gcmi" else _standardize(joint)
-    joint = joint - joint.mean(0)
-    blocks = [list(range(bounds[i], bounds[i + 1])) for i in range(len(arrays))]
-    white = np.concatenate([_whiten(joint[:, b]) for b in blocks], axis=1)
-    n = white.shape[0]
-    cov = white.T @ white / n
-    off = np.ones(cov.shape, dtype=bool)
-    for b in blocks:
-        off[np.ix_(b, b)] = False
+    if method == "gcmi":
+        arrays = [copula_normalize(a) for a in arrays]
+    whites, whitened = zip(*[_whiten(_centred_tensor(a)) for a in arrays])
+    n = whites[0].shape[0]
+    bounds = np.cumsum([0] + [w.shape[1] for w in whites])
+    blocks = [list(range(bounds[i], bounds[i + 1])) for i in range(len(whites))]
+    cov = torch.zeros(bounds[-1], bounds[-1], dtype=torch.float64)
+    for i, wi in enumerate(whites):
+        for j in range(i, len(whites)):
+            # a whitened block's own covariance is the identity (up to round-off): skip the product
+            block = torch.eye(wi.shape[1], dtype=torch.float64) if i == j and whitened[i] else wi.T @ whites[j] / n
+            cov[bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]] = block
+            cov[bounds[j]:bounds[j + 1], bounds[i]:bounds[i + 1]] = block.T
+    off = torch.ones(cov.shape, dtype=torch.bool)
+    for i in range(len(whites)):
+        off[bounds[i]:bounds[i + 1], bounds[i]:bounds[i + 1]] = False
     d2 = float((cov[off] ** 2).sum())
-    fourth = (np.einsum("ij,ij->i", white, white) ** 2).sum()
-    fourth -= sum((np.einsum("ij,ij->i", white[:, b], white[:, b]) ** 2).sum() for b in blocks)
-    b2 = max(float(fourth - n * d2), 0.0) / n**2
+    sq = torch.stack([(w * w).sum(1) for w in whites])  # ||x_i^(b)||^2 per block b and row i
+    fourth = float((sq.sum(0) ** 2 - (sq**2).sum(0)).sum())  # sum_i ||x_i x_i^T||_off^2
+    b2 = max(fourth - n * d2, 0.0) / n**2
     shrink = 1.0 if d2 <= 0 else min(1.0, b2 / d2)
     cov[off] *= 1.0 - shrink
-    return cov, blocks
+    return cov.numpy(), blocks
 
 
 def _gaussian_entropy(arr: np.ndarray, method: str) -> float:
@@ -295,9 +309,11 @@ def _gaussian_entropy(arr: np.ndarray, method: str) -> float:
 def ksg_backend(n: int, joint_dim: int) -> str:
     """The neighbour-search backend the KSG estimators use: ``"tree"`` or ``"torch"``.
 
-    Rule (measured, see ``benchmarks/estimators.py``): a KD-tree (``scipy.spatial.cKDTree`` with
-    ``p=inf``) when the joint dimension is at most ``KSG_TREE_MAX_DIM`` = 8, where it prunes well;
-    otherwise blocked all-pairs max-norm distances in torch (O(n^2), nearly independent of d).
+    Rule (measured, see ``benchmarks/estimators.py``): a Chebyshev KD-tree
+    (``sklearn.neighbors.KDTree``: k-NN query, then radius counts) when the joint dimension is at
+    most ``KSG_TREE_MAX_DIM`` = 16, where it prunes well; otherwise blocked all-pairs max-norm
+    distances in torch (``torch.cdist(p=inf)``, O(n^2) time, O(n) memory per block, nearly
+    independent of d). Both give identical values.
     ``n`` is accepted for future rules; it does not change the choice today.
     """
     del n
@@ -318,13 +334,15 @@ def _jitter(arrays: Sequence[np.ndarray], scale: float, seed: int) -> list[np.nd
 
 
 def _knn_tree(blocks: Sequence[np.ndarray], spaces: Sequence[Sequence[int]], k: int):
+    from sklearn.neighbors import KDTree  # Chebyshev KD-tree; counts within a radius without listing
+
     joint = np.concatenate(blocks, axis=1)
-    eps = cKDTree(joint).query(joint, k=k + 1, p=np.inf)[0][:, -1]
-    radius = np.nextafter(eps, 0)  # query_ball_point counts d <= r; we need d < eps
+    eps = KDTree(joint, metric="chebyshev").query(joint, k=k + 1)[0][:, -1]
+    radius = np.nextafter(eps, 0)  # query_radius counts d <= r; we need d < eps
     counts = []
     for sp in spaces:
         sub = np.concatenate([blocks[b] for b in sp], axis=1)
-        counts.append(np.asarray(cKDTree(sub).query_ball_point(sub, radius, p=np.inf, return_length=True)))
+        counts.append(np.asarray(KDTree(sub, metric="chebyshev").query_radius(sub, radius, count_only=True)))
     return eps, counts
 
 
