@@ -214,9 +214,15 @@ def copula_normalize(x) -> np.ndarray:
 
     The result has standard-normal marginals and the same copula as ``x`` (Ince et al. 2017).
     """
-    arr = _samples(x, "x")
-    ranks = rankdata(arr, axis=0, method="average")
-    return ndtri(ranks / (arr.shape[0] + 1.0))
+    cols = np.ascontiguousarray(_samples(x, "x").T)  # one contiguous row per column: fast sorts
+    n = cols.shape[1]
+    order = np.argsort(cols, axis=1)
+    ranks = np.empty(cols.shape)
+    np.put_along_axis(ranks, order, np.arange(1.0, n + 1.0)[None, :], axis=1)
+    tied = np.flatnonzero((np.diff(np.take_along_axis(cols, order, axis=1), axis=1) == 0).any(axis=1))
+    if tied.size:  # average ranks where values repeat (ordinal ranks would depend on row order)
+        ranks[tied] = rankdata(cols[tied], axis=1, method="average")
+    return ndtri(ranks / (n + 1.0)).T
 
 
 def _logdet(cov: np.ndarray) -> float:
