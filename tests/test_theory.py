@@ -268,9 +268,12 @@ def test_t5_layer_form():
     attn, values = _random_heads(rng, (300, n_heads), n_keys, dh)
     w_o = rng.standard_normal((dm, n_heads * dh)) / 5
     b = layer_attention_removal_bound(attn, values, mask, w_o)
+    per_head = layer_attention_removal_bound(attn, values, mask, w_o, form="per_head").value
     exact = layer_attention_removal_change(attn, values, mask, w_o)
-    assert np.all(exact <= b.constants["per_head_form"] + 1e-12)
-    assert np.all(b.constants["per_head_form"] <= b.value + 1e-12)
+    assert np.all(exact <= per_head + 1e-12) and np.all(per_head <= b.value + 1e-12)
+    assert b.constants["W_O_spectral_norm"] == pytest.approx(np.linalg.norm(w_o, 2))
+    cached = layer_attention_removal_bound(attn, values, mask, w_o, w_o_norm=b.constants["W_O_spectral_norm"])
+    assert np.allclose(cached.value, b.value)
     # a single head with W_O = identity reduces to the head-level change
     one = layer_attention_removal_change(attn[:, :1], values[:, :1], mask, np.eye(dh))
     assert np.allclose(one, attention_removal_change(attn[:, 0], values[:, 0], mask))

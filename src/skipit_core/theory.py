@@ -361,24 +361,39 @@ def _w_o(w_o, n_heads: int, d_head: int) -> np.ndarray:
     return w
 
 
-def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o) -> Bound:
+def _spectral_norm(w: np.ndarray) -> float:
+    """Largest singular value (torch's LAPACK: fast and robust on a loaded CPU)."""
+    return float(torch.linalg.svdvals(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)))[0])
+
+
+def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o, form: str = "spectral",
+                                  w_o_norm: float | None = None) -> Bound:
     """T5 for a layer: ``|W_O (o - o')| <= |W_O|_2 sum_h tau_{t,h} (max_V |v_j^h| + max_T |v_j^h|)``.
 
-    ``attn_rows`` (..., H, n_keys), ``values`` (..., H, n_keys, d_head), ``w_o`` (d_model, H d_head).
-    ``|W_O c| <= |W_O|_2 |c|_2`` and ``|c|_2 <= sum_h |c_h|`` for the concatenation ``c`` of the heads'
-    changes. The tighter per-head form ``sum_h |W_O^(h)|_2 b_h`` is in ``constants['per_head_form']``.
+    ``attn_rows`` (..., H, n_keys), ``values`` (..., H, n_keys, d_head), ``w_o`` (d_model, H d_head),
+    the output projection weight as stored by ``nn.Linear``. ``|W_O c| <= |W_O|_2 |c|_2`` and
+    ``|c|_2 <= sum_h |c_h|`` for the concatenation ``c`` of the heads' changes (``form="spectral"``,
+    THEORY.md). ``form="per_head"`` gives the tighter ``sum_h |W_O^(h)|_2 b_h`` (``W_O^(h)`` the
+    head's column block), which is also much cheaper for a large ``d_model``: the full spectral norm
+    of a 4096 x 4096 matrix takes seconds, so pass ``w_o_norm`` if you have it cached.
     """
+    if form not in ("spectral", "per_head"):
+        raise InputError(f"form must be 'spectral' or 'per_head'; got {form!r}.")
     a, v, mask = _attention_inputs(attn_rows, values, vision_mask)
     n_heads, d_head = v.shape[-3], v.shape[-1]
     w = _w_o(w_o, n_heads, d_head)
     heads = np.asarray(attention_removal_bound(a, v, mask).value)
-    spec = float(np.linalg.norm(w, 2))
-    per_head_norms = np.array([np.linalg.norm(w[:, h * d_head:(h + 1) * d_head], 2) for h in range(n_heads)])
-    value = spec * heads.sum(-1)
-    return Bound(value if np.ndim(value) else float(value), "T5 cross-modal (layer)",
-                 {"W_O_spectral_norm": spec, "head_bounds": heads,
-                  "per_head_form": (heads * per_head_norms).sum(-1)},
-                 "|W_O(o - o')| <= |W_O|_2 sum_h tau_h (max_V |v| + max_T |v|)")
+    per_head_norms = np.array([_spectral_norm(w[:, h * d_head:(h + 1) * d_head]) for h in range(n_heads)])
+    consts = {"head_bounds": heads, "per_head_norms": per_head_norms, "form": form}
+    if form == "spectral":
+        spec = _nonneg(w_o_norm, "w_o_norm") if w_o_norm is not None else _spectral_norm(w)
+        value = spec * heads.sum(-1)
+        consts["W_O_spectral_norm"] = spec
+        statement = "|W_O(o - o')| <= |W_O|_2 sum_h tau_h (max_V |v| + max_T |v|)"
+    else:
+        value = (heads * per_head_norms).sum(-1)
+        statement = "|W_O(o - o')| <= sum_h |W_O^(h)|_2 tau_h (max_V |v| + max_T |v|)"
+    return Bound(value if np.ndim(value) else float(value), "T5 cross-modal (layer)", consts, statement)
 
 
 def layer_attention_removal_change(attn_rows, values, vision_mask, w_o) -> np.ndarray | float:
