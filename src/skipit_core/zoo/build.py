@@ -1,0 +1,171 @@
+"""Build the zoo models from scratch: word-level tokenizer, processor, and random-init model.
+
+Everything is a stock ``transformers`` class (``PreTrainedTokenizerFast``, ``CLIPImageProcessor`` /
+``Qwen2VLImageProcessor``, ``LlavaProcessor`` / ``Qwen2VLProcessor``, ``LlavaForConditionalGeneration``
+/ ``Qwen2VLForConditionalGeneration``), so the saved folder loads with ``AutoProcessor`` and
+``AutoModelForImageTextToText`` and no custom code.
+
+Prompt format (the chat template shipped with each processor; :func:`skipit_core.tasks.build_prompts`
+applies it)::
+
+    USER: <image>\\n{question} ASSISTANT:                                   (digits-llava)
+    USER: <|vision_start|><|image_pad|><|vision_end|>\\n{question} ASSISTANT:  (digits-qwen2vl)
+
+The tokenizer adds ``<s>`` in front; the answer is the next token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from ..errors import InputError
+from ..tasks import CANVAS, VOCABULARY
+
+__all__ = ["ARCHS", "ModelSize", "SIZES", "build_tokenizer", "build_processor", "build_model", "build"]
+
+ARCHS = ("llava", "qwen2vl")
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
+IMAGE_TOKENS = {
+    "llava": ["<image>"],
+    "qwen2vl": ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"],
+}
+IMAGE_BLOCK = {"llava": "<image>", "qwen2vl": "<|vision_start|><|image_pad|><|vision_end|>"}
+CHAT_WORDS = ["user", ":", "assistant"]
+IMAGE_MEAN = [0.5, 0.5, 0.5]
+IMAGE_STD = [0.5, 0.5, 0.5]
+
+
+def chat_template(arch: str) -> str:
+    block = IMAGE_BLOCK[arch]
+    return (
+        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}" + block + "\n"
+        "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %} "
+        "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "{% endif %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+
+
+def _check_arch(arch: str) -> None:
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}.")
+
+
+def build_tokenizer(arch: str = "llava"):
+    """A word-level ``PreTrainedTokenizerFast``: lower-casing, split on whitespace and punctuation,
+    vocabulary = special tokens + image tokens + chat words + the DigitScenes words; ``<s>`` prepended."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    _check_arch(arch)
+    words = SPECIAL + IMAGE_TOKENS[arch] + CHAT_WORDS + [w for w in VOCABULARY if w not in CHAT_WORDS]
+    vocab = {w: i for i, w in enumerate(words)}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(SPECIAL + IMAGE_TOKENS[arch])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", vocab["<s>"])])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>", padding_side="left", model_max_length=512,
+                                   clean_up_tokenization_spaces=False)
+    return fast
+
+
+def build_processor(arch: str = "llava"):
+    """The processor of ``arch``: 64x64 images stay 64x64; image tokens expand to 64 (LLaVA) / 16 (Qwen2-VL)."""
+    import transformers as tf
+
+    _check_arch(arch)
+    tokenizer = build_tokenizer(arch)
+    if arch == "llava":
+        image_processor = tf.CLIPImageProcessor(
+            size={"shortest_edge": CANVAS}, crop_size={"height": CANVAS, "width": CANVAS},
+            do_resize=True, do_center_crop=True, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+        return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                                 vision_feature_select_strategy="default", chat_template=chat_template(arch),
+                                 image_token="<image>", num_additional_image_tokens=1)
+    image_processor = tf.Qwen2VLImageProcessor(
+        patch_size=8, merge_size=2, temporal_patch_size=1, min_pixels=CANVAS * CANVAS,
+        max_pixels=CANVAS * CANVAS, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+    return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                               chat_template=chat_template(arch))
+
+
+@dataclass
+class ModelSize:
+    """Sizes of a zoo model (text backbone and vision tower)."""
+
+    hidden: int = 128
+    layers: int = 12
+    heads: int = 4
+    kv_heads: int = 4
+    intermediate: int = 384
+    vision_hidden: int = 128
+    vision_layers: int = 3
+    vision_heads: int = 4
+    vision_intermediate: int = 256
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SIZES = {"llava": ModelSize(), "qwen2vl": ModelSize()}
+
+
+def build_model(arch: str, tokenizer, size: ModelSize | None = None, seed: int = 0):
+    """A random-init model of ``arch`` whose special-token ids match ``tokenizer``."""
+    import torch
+    import transformers as tf
+
+    _check_arch(arch)
+    s = size or SIZES[arch]
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL + IMAGE_TOKENS[arch]}
+    common = dict(vocab_size=len(tokenizer), hidden_size=s.hidden, intermediate_size=s.intermediate,
+                  num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                  max_position_embeddings=256, rms_norm_eps=1e-6, pad_token_id=ids["<pad>"],
+                  bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    if arch == "llava":
+        cfg = tf.LlavaConfig(
+            vision_config=tf.CLIPVisionConfig(
+                hidden_size=s.vision_hidden, intermediate_size=s.vision_intermediate,
+                num_hidden_layers=s.vision_layers, num_attention_heads=s.vision_heads, image_size=CANVAS,
+                patch_size=8, num_channels=3, projection_dim=s.vision_hidden),
+            text_config=tf.LlamaConfig(head_dim=s.hidden // s.heads, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common),
+            image_token_index=ids["<image>"], vision_feature_select_strategy="default", vision_feature_layer=-1,
+            image_seq_length=(CANVAS // 8) ** 2, projector_hidden_act="gelu", tie_word_embeddings=False,
+        )
+        model = tf.LlavaForConditionalGeneration(cfg)
+    else:
+        head_dim = s.hidden // s.heads
+        # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections
+        half = head_dim // 2
+        section = [half - 2 * (half // 4) * 1, half // 4, half // 4]
+        section = [half // 2, half // 4, half - half // 2 - half // 4]
+        cfg = tf.Qwen2VLConfig(
+            vision_config=dict(depth=s.vision_layers, embed_dim=s.vision_hidden, hidden_size=s.hidden,
+                               num_heads=s.vision_heads, mlp_ratio=s.vision_intermediate / s.vision_hidden,
+                               patch_size=8, spatial_merge_size=2, temporal_patch_size=1, in_channels=3),
+            text_config=dict(common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                      "mrope_section": section}),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+        model = tf.Qwen2VLForConditionalGeneration(cfg)
+    model.generation_config.pad_token_id = ids["<pad>"]
+    model.generation_config.bos_token_id = ids["<s>"]
+    model.generation_config.eos_token_id = ids["</s>"]
+    return model
+
+
+def build(arch: str = "llava", size: ModelSize | None = None, seed: int = 0):
+    """``(model, processor)``: a fresh random-init model and its processor."""
+    processor = build_processor(arch)
+    return build_model(arch, processor.tokenizer, size, seed), processor

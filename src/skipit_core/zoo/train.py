@@ -1,0 +1,256 @@
+"""Train a zoo model on DigitScenes from scratch, on a CPU.
+
+    python -m skipit_core.zoo.train --arch llava --out data/models/digits-llava
+    python -m skipit_core.zoo.train --arch qwen2vl --out data/models/digits-qwen2vl
+
+Fresh scenes every step from the *train* digit pool (family uniform, answer uniform); the loss is the
+cross-entropy of the answer token only (the next-token logits after the prompt, exactly what
+:func:`skipit_core.tasks.evaluate` reads). AdamW, linear warm-up then cosine decay to 10% of the peak
+learning rate, gradient-norm clipping; validation accuracy (validation digit pool) is logged every
+``--eval-every`` steps. Seeded: the same command on the same machine gives the same model. The
+folder gets ``save_pretrained`` output (safetensors) plus ``training.json`` (arguments, sizes, wall
+time, the validation log). Write the model card afterwards with ``python -m skipit_core.zoo.card``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..utils import set_seed
+from .build import ARCHS, SIZES, ModelSize, build
+
+__all__ = ["train", "main"]
+
+
+def _lr_lambda(warmup: int, total: int, floor: float = 0.1):
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def cell_labels(data) -> "Any":
+    """``LongTensor[B, 16]``: the digit in each grid cell (row-major), 10 where the cell is empty."""
+    import torch
+
+    labels = torch.full((len(data), 16), 10, dtype=torch.long)
+    for i, m in enumerate(data.meta):
+        labels[i, m["cells"]] = torch.tensor(m["digits"])
+    return labels
+
+
+def vision_features(model, arch: str, inputs) -> "Any":
+    """Per-cell-aligned vision features ``[B, tokens, d]`` and the cell of each token.
+
+    LLaVA: the CLIP tower's last hidden state without CLS (what the projector reads), 8x8 patches,
+    patch ``(r, c)`` lies in cell ``(r // 2, c // 2)``. Qwen2-VL: the merged tokens (one per cell).
+    """
+    import torch
+
+    if arch == "llava":
+        out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
+        feats = out.hidden_states[-1][:, 1:]
+        r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+        cells = ((r // 2) * 4 + c // 2).reshape(-1)
+        return feats, cells
+    visual = model.model.visual
+    feats = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    feats = getattr(feats, "pooler_output", feats)
+    feats = feats.reshape(len(inputs["image_grid_thw"]), -1, feats.shape[-1])
+    return feats, torch.arange(16)
+
+
+def pretrain_vision(model, processor, arch, gen, steps, *, batch_size=128, lr=3e-3, seed=0, clip=1.0,
+                    progress=True, log=print) -> dict:
+    """Stage 1: train the vision tower (and a throw-away linear head) to name the digit in each cell.
+
+    The analogue of starting LLaVA from a pretrained CLIP: a per-token 11-way classification (digit or
+    empty) of the cell each vision token lies in, on fresh train-pool scenes. The head is discarded;
+    only the tower's weights carry over to stage 2.
+    """
+    import torch
+
+    tower = model.model.vision_tower if arch == "llava" else model.model.visual
+    feats_dim = model.config.vision_config.hidden_size
+    head = torch.nn.Linear(feats_dim, 11)
+    params = list(tower.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, steps), steps))
+    rng = np.random.default_rng(seed + 7)
+    losses, accs = [], []
+    bar = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=f"vision pretrain {arch}", unit="step", mininterval=10, file=sys.stderr)
+    tower.train()
+    for step in bar:
+        data = gen.sample(batch_size, rng)
+        pix = processor.image_processor([data.image(i) for i in range(len(data))], return_tensors="pt")
+        feats, cells = vision_features(model, arch, pix)
+        labels = cell_labels(data)[:, cells]
+        logits = head(feats)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        accs.append(float((logits.argmax(-1) == labels).float().mean()))
+        if progress:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.3f}", refresh=False)
+    log(f"vision pretrain: {steps} steps, last-50 token accuracy {np.mean(accs[-50:]):.3f}, loss {np.mean(losses[-50:]):.3f}")
+    return dict(steps=steps, batch_size=batch_size, lr=lr, final_token_accuracy=round(float(np.mean(accs[-50:])), 4),
+                final_loss=round(float(np.mean(losses[-50:])), 4))
+
+
+def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 1200, batch_size: int = 64,
+          lr: float = 2e-3, warmup: int = 100, weight_decay: float = 0.01, clip: float = 1.0, seed: int = 0,
+          eval_every: int = 200, val_per_family: int = 30, threads: int | None = None,
+          size: ModelSize | None = None, progress: bool = True, log=print, command: str | None = None,
+          vision_steps: int = 0, vision_batch_size: int = 128, vision_lr: float = 3e-3):
+    """Train and (if ``out``) save; returns ``(model, processor, history)``.
+
+    ``history`` is a dict with the per-step ``loss`` list and the ``validation`` log
+    (step, overall and per-family accuracy).
+    """
+    import torch
+
+    from ..tasks import DigitScenes, encode, evaluate
+
+    if arch not in ARCHS:
+        raise InputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}.")
+    if steps < 1 or batch_size < 1:
+        raise InputError("steps and batch_size must be positive.")
+    if threads:
+        torch.set_num_threads(int(threads))
+    set_seed(seed)
+    size = size or SIZES[arch]
+    model, processor = build(arch, size, seed=seed)
+    tok = processor.tokenizer
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(warmup, steps), steps))
+    train_gen = DigitScenes("train")
+    val = DigitScenes("validation").generate(val_per_family, seed=seed + 1) if val_per_family else None
+    rng = np.random.default_rng(seed)
+    history: dict = {"loss": [], "validation": [], "vision_pretrain": {}}
+    if vision_steps:
+        history["vision_pretrain"] = pretrain_vision(model, processor, arch, train_gen, vision_steps,
+                                                     batch_size=vision_batch_size, lr=vision_lr, seed=seed,
+                                                     clip=clip, progress=progress, log=log)
+
+    def validate(step: int) -> None:
+        if val is None:
+            return
+        r = evaluate(model, processor, val, batch_size=128)
+        fam = {row["family"]: round(row["accuracy"], 4) for row in r.by_family.to_dict(orient="records")}
+        history["validation"].append(dict(step=step, accuracy=round(r.accuracy, 4), by_family=fam))
+        log(f"step {step}: validation accuracy {r.accuracy:.3f} (n={r.n}) " +
+            " ".join(f"{k}={v:.2f}" for k, v in fam.items()))
+        model.train()
+
+    bar = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=f"train {arch}", unit="step", mininterval=10, file=sys.stderr)
+    t0 = time.perf_counter()
+    for step in bar:
+        data = train_gen.sample(batch_size, rng)
+        inputs = encode(processor, data)
+        target = torch.tensor(tok.convert_tokens_to_ids(list(data.answers)))
+        logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
+        loss = torch.nn.functional.cross_entropy(logits.float(), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        history["loss"].append(loss.item())
+        if progress:
+            bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.3f}", refresh=False)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            validate(step + 1)
+    validate(steps)
+    wall = time.perf_counter() - t0
+    model.eval()
+    history["wall_time_s"] = round(wall, 1)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        meta = dict(
+            arch=arch, command=command, seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+            weight_decay=weight_decay, clip=clip, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",
+            optimizer="AdamW(betas=(0.9, 0.98))", size=size.to_dict(),
+            parameters=int(sum(p.numel() for p in model.parameters())),
+            wall_time_s=round(wall, 1), threads=torch.get_num_threads(), machine=platform.machine(),
+            processor=platform.processor() or None, torch=torch.__version__,
+            transformers=__import__("transformers").__version__,
+            final_loss=float(np.mean(history["loss"][-50:])), validation=history["validation"],
+            loss_every_50=[round(float(np.mean(history["loss"][i:i + 50])), 4)
+                           for i in range(0, len(history["loss"]), 50)],
+        )
+        (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+        log(f"saved {out} ({wall / 60:.1f} min)")
+    return model, processor, history
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m skipit_core.zoo.train", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", choices=ARCHS, default="llava")
+    ap.add_argument("--out", required=True, help="folder to save_pretrained into (e.g. data/models/digits-llava)")
+    ap.add_argument("--steps", type=int, default=1200)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--weight-decay", type=float, default=0.01)
+    ap.add_argument("--clip", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=200)
+    ap.add_argument("--val-per-family", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vision-steps", type=int, default=300, help="stage-1 vision pretraining steps (0: none)")
+    ap.add_argument("--vision-batch-size", type=int, default=128)
+    ap.add_argument("--vision-lr", type=float, default=3e-3)
+    for name, value in ModelSize().to_dict().items():
+        if isinstance(value, int):
+            ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    base = SIZES[args.arch].to_dict()
+    for name in list(base):
+        v = getattr(args, name, None)
+        if v is not None:
+            base[name] = v
+    command = "python -m skipit_core.zoo.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    train(args.arch, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+          weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_every=args.eval_every,
+          val_per_family=args.val_per_family, threads=args.threads, size=ModelSize(**base),
+          progress=not args.no_progress, log=lambda s: print(s, flush=True), command=command,
+          vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr)
+
+
+if __name__ == "__main__":
+    main()
