@@ -206,6 +206,10 @@ class VQASet:
     def __len__(self) -> int:
         return len(self.questions)
 
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{f} {self.families.count(f)}" for f in self.family_names())
+        return f"VQASet({self.name!r}, {len(self)} items; {counts})"
+
     def __getitem__(self, index) -> "VQASet":
         if isinstance(index, (int, np.integer)):
             index = [int(index)]

@@ -95,7 +95,9 @@ def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep notebook outputs to what the chapter shows
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if model_id in MODELS:
         return load_tiny_vlm(model_id, device=device, dtype=dtype)
