@@ -14,7 +14,9 @@ saved with ``save_pretrained`` and loaded exactly as a reader loads ``llava-hf/l
     processor = AutoProcessor.from_pretrained("data/models/digits-llava")
     model = AutoModelForImageTextToText.from_pretrained("data/models/digits-llava")
 
-:func:`load_tiny_vlm` does that and finds the folder. Build: :mod:`skipit_core.zoo.build`; train:
+:func:`load_tiny_vlm` does that and finds the folder. (transformers' Qwen2-VL video processor needs
+torchvision; where it is missing, :func:`skipit_core.zoo.build.load_processor` assembles the same
+``Qwen2VLProcessor`` from the saved tokenizer, image processor and chat template, without video.) Build: :mod:`skipit_core.zoo.build`; train:
 ``python -m skipit_core.zoo.train``; model card: ``python -m skipit_core.zoo.card``.
 """
 
@@ -76,10 +78,12 @@ def load_tiny_vlm(name: str = "digits-llava", path: str | os.PathLike | None = N
     lookup in ``data/models/<name>``. No network access, no ``trust_remote_code``.
     """
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
+
+    from .build import load_processor
 
     p = model_path(name, path)
-    processor = AutoProcessor.from_pretrained(p, local_files_only=True)
+    processor = load_processor(p)
     model = AutoModelForImageTextToText.from_pretrained(p, local_files_only=True,
                                                         dtype=dtype or torch.float32)
     return model.to(device).eval(), processor

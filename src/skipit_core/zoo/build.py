@@ -16,6 +16,7 @@ The tokenizer adds ``<s>`` in front; the answer is the next token.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from ..errors import InputError
@@ -89,11 +90,105 @@ def build_processor(arch: str = "llava"):
         return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
                                  vision_feature_select_strategy="default", chat_template=chat_template(arch),
                                  image_token="<image>", num_additional_image_tokens=1)
-    image_processor = tf.Qwen2VLImageProcessor(
-        patch_size=8, merge_size=2, temporal_patch_size=1, min_pixels=CANVAS * CANVAS,
-        max_pixels=CANVAS * CANVAS, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
-    return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                               chat_template=chat_template(arch))
+    image_processor = tf.Qwen2VLImageProcessor(**QWEN_IMAGE)
+    return qwen_processor(image_processor, tokenizer, chat_template(arch))
+
+
+QWEN_IMAGE = dict(patch_size=8, merge_size=2, temporal_patch_size=1, min_pixels=CANVAS * CANVAS,
+                  max_pixels=CANVAS * CANVAS, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+
+
+def has_torchvision() -> bool:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@contextmanager
+def _without_video_processor():
+    """Let ``Qwen2VLProcessor`` be built with ``video_processor=None`` (transformers' video processors
+    need torchvision; images do not). Scoped: the class check is restored on exit."""
+    from transformers.processing_utils import ProcessorMixin
+
+    original = ProcessorMixin.check_argument_for_proper_class
+
+    def check(self, name, arg):
+        if name == "video_processor" and arg is None:
+            return None
+        return original(self, name, arg)
+
+    ProcessorMixin.check_argument_for_proper_class = check
+    try:
+        yield
+    finally:
+        ProcessorMixin.check_argument_for_proper_class = original
+
+
+def qwen_processor(image_processor, tokenizer, template: str):
+    """A ``Qwen2VLProcessor``; with torchvision it has its video processor, without it none (images only)."""
+    import transformers as tf
+
+    if has_torchvision():
+        video = tf.Qwen2VLVideoProcessor(**{k: v for k, v in QWEN_IMAGE.items() if k not in ("min_pixels", "max_pixels")})
+        return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
+                                   chat_template=template)
+    with _without_video_processor():
+        return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                                   chat_template=template)
+
+
+def video_processor_dict() -> dict:
+    """The video processor entry of ``processor_config.json`` (what ``AutoProcessor`` needs to build
+    ``Qwen2VLProcessor`` where torchvision is installed)."""
+    return dict(video_processor_type="Qwen2VLVideoProcessor", patch_size=8, merge_size=2, temporal_patch_size=1,
+                image_mean=IMAGE_MEAN, image_std=IMAGE_STD, do_resize=True, do_rescale=True, do_normalize=True,
+                do_convert_rgb=True, size={"shortest_edge": CANVAS * CANVAS, "longest_edge": CANVAS * CANVAS},
+                min_pixels=CANVAS * CANVAS, max_pixels=CANVAS * CANVAS)
+
+
+def save_processor(processor, path) -> None:
+    """``processor.save_pretrained(path)``; for a Qwen2VLProcessor built without torchvision, the same
+    files written by hand (tokenizer, chat template, processor_config.json with image and video entries)."""
+    import json
+    from pathlib import Path
+
+    if getattr(processor, "video_processor", "absent") is not None:
+        processor.save_pretrained(path)
+        return
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    processor.tokenizer.save_pretrained(path)
+    (path / "chat_template.jinja").write_text(processor.chat_template)
+    image = processor.image_processor.to_dict()
+    image["image_processor_type"] = "Qwen2VLImageProcessor"
+    for key in list(image):
+        if key.startswith("_"):
+            image.pop(key)
+    config = {"processor_class": type(processor).__name__, "image_processor": image,
+              "video_processor": video_processor_dict()}
+    (path / "processor_config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def load_processor(path):
+    """``AutoProcessor.from_pretrained(path)``; a Qwen2-VL folder in an environment without torchvision
+    is assembled from its tokenizer, image processor and chat template (no video processor)."""
+    import json
+    from pathlib import Path
+
+    import transformers as tf
+
+    path = Path(path)
+    cfg_file = path / "processor_config.json"
+    cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
+    if cfg.get("processor_class") != "Qwen2VLProcessor" or has_torchvision():
+        return tf.AutoProcessor.from_pretrained(path, local_files_only=True)
+    image_cfg = {k: v for k, v in cfg["image_processor"].items() if k != "image_processor_type"}
+    image_processor = tf.Qwen2VLImageProcessorPil(**image_cfg)
+    tokenizer = tf.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    template = (path / "chat_template.jinja").read_text() if (path / "chat_template.jinja").exists() else None
+    return qwen_processor(image_processor, tokenizer, template)
 
 
 @dataclass
@@ -150,7 +245,7 @@ def build_model(arch: str, tokenizer, size: ModelSize | None = None, seed: int =
         section = [half // 2, half // 4, half - half // 2 - half // 4]
         cfg = tf.Qwen2VLConfig(
             vision_config=dict(depth=s.vision_layers, embed_dim=s.vision_hidden, hidden_size=s.hidden,
-                               num_heads=s.vision_heads, mlp_ratio=s.vision_intermediate / s.vision_hidden,
+                               num_heads=s.vision_heads, mlp_ratio=s.vision_intermediate // s.vision_hidden,
                                patch_size=8, spatial_merge_size=2, temporal_patch_size=1, in_channels=3),
             text_config=dict(common, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                       "mrope_section": section}),

@@ -28,7 +28,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..utils import set_seed
-from .build import ARCHS, SIZES, ModelSize, build
+from .build import ARCHS, SIZES, ModelSize, build, save_processor
 
 __all__ = ["train", "main"]
 
@@ -199,7 +199,7 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
-        processor.save_pretrained(out)
+        save_processor(processor, out)
         meta = dict(
             arch=arch, command=command, seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
             weight_decay=weight_decay, clip=clip, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",

@@ -1,0 +1,151 @@
+"""Write a zoo model's card from a fresh evaluation, so the card and ``evaluate`` cannot disagree.
+
+    python -m skipit_core.zoo.card data/models/digits-llava
+
+Loads the folder with ``AutoProcessor`` / ``AutoModelForImageTextToText``, evaluates it on the frozen
+DigitScenes test split (and on blank images), writes ``eval.json`` (every number) and ``README.md``
+(generated from ``eval.json`` and ``training.json``). The tests re-run :func:`evaluation` and compare
+with ``eval.json`` exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["EVAL_BATCH_SIZE", "evaluation", "write_card", "main"]
+
+EVAL_BATCH_SIZE = 64
+
+
+def evaluation(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
+    """Fresh test-split evaluation of the model in ``path`` (with blank baseline), as a dict."""
+    import torch
+
+    from ..tasks import DigitScenes, evaluate
+    from . import load_tiny_vlm
+
+    model, processor = load_tiny_vlm(path=path)
+    data = DigitScenes.test_set()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        result = evaluate(model, processor, data, batch_size=batch_size, with_blank=True)
+    d = result.to_dict()
+    d.update(batch_size=batch_size, data="data/digitscenes/test (frozen)",
+             eval_time_s=round(time.perf_counter() - t0, 1),
+             parameters=int(sum(p.numel() for p in model.parameters())),
+             model_class=type(model).__name__, processor_class=type(processor).__name__,
+             vision_tokens=int((encode_one(processor, data) == model.config.image_token_id).sum()))
+    return d
+
+
+def encode_one(processor, data):
+    from ..tasks import encode
+
+    return encode(processor, data, 0, 1)["input_ids"]
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
+    """Evaluate, then write ``eval.json`` and ``README.md`` into ``path``."""
+    path = Path(path)
+    ev = evaluation(path, batch_size)
+    (path / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
+    tr_file = path / "training.json"
+    tr = json.loads(tr_file.read_text()) if tr_file.exists() else {}
+    cfg = json.loads((path / "config.json").read_text())
+    text_cfg, vis_cfg = cfg.get("text_config", {}), cfg.get("vision_config", {})
+    blank = ev["blank"]
+    bfam = {r["family"]: r for r in blank["by_family"]}
+    rows = "\n".join(
+        f"| {r['family']} | {r['n']} | {_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}] | "
+        f"{_pct(bfam[r['family']]['accuracy'])} | {_pct(r['chance'])} |"
+        for r in ev["by_family"])
+    size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    name = path.name
+    vp = tr.get("vision_pretrain") or {}
+    card = f"""# {name}
+
+A small vision-language model trained from scratch (on a CPU) to answer DigitScenes questions
+(`skipit_core.tasks.DigitScenes`), shipped so the skipit book has a real model to measure and skip.
+Load it like any Hugging Face checkpoint:
+
+```python
+from transformers import AutoModelForImageTextToText, AutoProcessor
+processor = AutoProcessor.from_pretrained("data/models/{name}")
+model = AutoModelForImageTextToText.from_pretrained("data/models/{name}")
+# or: model, processor = skipit_core.load_tiny_vlm("{name}")
+```
+
+## Architecture
+
+- class: `{ev['model_class']}`, processor `{ev['processor_class']}`; {ev['parameters']:,} parameters,
+  float32 safetensors ({size / 2**20:.1f} MiB).
+- LLM backbone: {text_cfg.get('model_type')} with {text_cfg.get('num_hidden_layers')} decoder layers, hidden size
+  {text_cfg.get('hidden_size')}, {text_cfg.get('num_attention_heads')} heads, MLP {text_cfg.get('intermediate_size')}.
+- vision tower: {vis_cfg.get('model_type')}, {vis_cfg.get('num_hidden_layers', vis_cfg.get('depth'))} layers,
+  64x64 input, patch {vis_cfg.get('patch_size')}; **{ev['vision_tokens']} vision tokens** per image.
+- tokenizer: word-level `PreTrainedTokenizerFast` ({text_cfg.get('vocab_size')} tokens); prompt
+  `USER: <image>\\n{{question}} ASSISTANT:` via the shipped chat template; the answer is the next token.
+
+## Data
+
+DigitScenes: 64x64 scenes of 2-6 real handwritten digits (scikit-learn's `load_digits`, distinct
+classes, one per cell of a 4x4 grid, light noise); seven single-token question families (cell, count,
+present, largest, smallest, left, above). Training scenes are drawn fresh every step from the *train*
+pool of source images; validation and test use disjoint pools (split by source image).
+
+## Training
+
+```
+{tr.get('command', '(training.json missing)')}
+```
+
+seed {tr.get('seed')}; {tr.get('steps')} steps of batch {tr.get('batch_size')} (answer-token cross-entropy),
+AdamW lr {tr.get('lr')}, {tr.get('schedule')}, gradient clipping {tr.get('clip')}; preceded by
+{vp.get('steps', 0)} steps of vision-tower pretraining (per-token "which digit is in my cell",
+the stand-in for starting from a pretrained CLIP; the head is discarded). Wall time
+{tr.get('wall_time_s', float('nan')) / 60:.1f} min on {tr.get('threads')} CPU threads (shared machine),
+torch {tr.get('torch')}, transformers {tr.get('transformers')}.
+
+## Evaluation (frozen test split, n = {ev['n']})
+
+Written by `python -m skipit_core.zoo.card data/models/{name}` from a fresh `evaluate(...)`
+(batch size {ev['batch_size']}, full-vocabulary argmax of the next token, CPU float32); every number is in
+`eval.json`. Intervals are Wilson 95%. "blank" = the same questions on blank images (what the model
+gets without looking); "chance" = uniform over the family's answers (answers are balanced).
+
+**Test accuracy: {_pct(ev['accuracy'])} [{_pct(ev['ci_low'])}, {_pct(ev['ci_high'])}]**; blank-image
+baseline {_pct(blank['accuracy'])} [{_pct(blank['ci_low'])}, {_pct(blank['ci_high'])}].
+
+| family | n | accuracy [95% CI] | blank | chance |
+|---|---|---|---|---|
+{rows}
+
+## Limits
+
+A toy: a closed vocabulary of {text_cfg.get('vocab_size')} words, only these question templates, 64x64 grey
+scenes. It exists to be measured (layer redundancy, skipping), not to be used as a VQA model.
+"""
+    (path / "README.md").write_text(card)
+    return path / "README.md"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m skipit_core.zoo.card", description=__doc__.split("\n\n")[0])
+    ap.add_argument("path")
+    ap.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
+    args = ap.parse_args(argv)
+    out = write_card(args.path, args.batch_size)
+    ev = json.loads((Path(args.path) / "eval.json").read_text())
+    print(f"wrote {out}: test accuracy {ev['accuracy']:.4f} (n={ev['n']}), blank {ev['blank']['accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

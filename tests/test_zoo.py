@@ -1,0 +1,178 @@
+"""The zoo: shipped models load offline with the reader's transformers calls, reproduce their cards,
+work with Backbone; training runs and round-trips through from_pretrained."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import skipit_core
+from skipit_core.errors import SkipitError
+from skipit_core.models import Backbone
+from skipit_core.tasks import DigitScenes, encode, next_token_logits
+from skipit_core.zoo import MODELS, data_dir, load_tiny_vlm, model_path
+from skipit_core.zoo.build import ModelSize, build, has_torchvision, load_processor, save_processor
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+SHIPPED = [m for m in MODELS if (DATA / "models" / m / "config.json").exists()]
+TOKENS = {"digits-llava": 64, "digits-qwen2vl": 16}
+CLASSES = {"digits-llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
+           "digits-qwen2vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")}
+
+
+def test_llava_is_shipped():
+    assert "digits-llava" in SHIPPED, "data/models/digits-llava is missing: train it (see its README)"
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_folder_is_small_safetensors_only(name):
+    folder = DATA / "models" / name
+    files = {p.name for p in folder.iterdir()}
+    assert "model.safetensors" in files and "README.md" in files and "eval.json" in files
+    assert not any(f.endswith((".bin", ".pkl", ".pt", ".pth", ".py")) for f in files)
+    assert sum(p.stat().st_size for p in folder.iterdir()) < 25 * 2**20
+
+
+OFFLINE_SCRIPT = r"""
+import json, sys, torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from skipit_core.zoo.build import load_processor, has_torchvision
+path = sys.argv[1]
+proc = AutoProcessor.from_pretrained(path) if has_torchvision() or "qwen" not in path else load_processor(path)
+model = AutoModelForImageTextToText.from_pretrained(path)
+from skipit_core.tasks import DigitScenes, encode
+data = DigitScenes.test_set()[:8]
+inputs = encode(proc, data)
+with torch.no_grad():
+    ids = model(**inputs).logits[:, -1].argmax(-1).tolist()
+print(json.dumps(dict(model=type(model).__name__, processor=type(proc).__name__,
+                      vision=int((inputs["input_ids"] == model.config.image_token_id).sum(1)[0]),
+                      keys=sorted(inputs), pred=proc.tokenizer.convert_ids_to_tokens(ids), answers=data.answers)))
+"""
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_loads_offline_in_a_fresh_process(name):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME="/nonexistent-hf-home")
+    out = subprocess.run([sys.executable, "-c", OFFLINE_SCRIPT, str(DATA / "models" / name)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (res["model"], res["processor"]) == CLASSES[name]
+    assert res["vision"] == TOKENS[name]
+    if "qwen" in name:
+        assert "mm_token_type_ids" in res["keys"] and "image_grid_thw" in res["keys"]
+    assert sum(p == a for p, a in zip(res["pred"], res["answers"])) >= 5  # a trained model, not noise
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_accuracy_is_reproduced_by_evaluate(name):
+    from skipit_core.zoo.card import evaluation
+
+    folder = DATA / "models" / name
+    stored = json.loads((folder / "eval.json").read_text())
+    card = (folder / "README.md").read_text()
+    m = re.search(r"\*\*Test accuracy: ([0-9.]+)%", card)
+    assert m and float(m.group(1)) == round(100 * stored["accuracy"], 1)
+    fresh = evaluation(folder, batch_size=stored["batch_size"])
+    assert fresh["n"] == stored["n"] == 840
+    assert fresh["k"] == stored["k"]  # exact: deterministic CPU evaluation
+    assert [r["k"] for r in fresh["by_family"]] == [r["k"] for r in stored["by_family"]]
+    assert fresh["blank"]["k"] == stored["blank"]["k"]
+    # the model is good, and it looks at the image
+    assert fresh["accuracy"] >= 0.8
+    assert fresh["blank"]["accuracy"] < 0.3
+    for row, blank in zip(fresh["by_family"], fresh["blank"]["by_family"]):
+        assert row["ci_low"] > row["chance"], row
+        assert row["accuracy"] > blank["accuracy"] + 0.2, (row, blank)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_backbone_of_shipped_model(name):
+    model, processor = load_tiny_vlm(name)
+    assert not model.training
+    bb = Backbone.of(model)
+    assert bb.n_layers == 12
+    inputs = encode(processor, DigitScenes.test_set()[:3])
+    bb.check_inputs(inputs)
+    assert (bb.vision_mask(inputs["input_ids"]).sum(1) == TOKENS[name]).all()
+    if "qwen" in name:
+        bad = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+        with pytest.raises(SkipitError):
+            bb.check_inputs(bad)
+
+
+def test_top_level_export_and_path_errors(tmp_path, monkeypatch):
+    assert skipit_core.load_tiny_vlm is load_tiny_vlm
+    assert data_dir() == DATA
+    with pytest.raises(SkipitError, match="unknown zoo model"):
+        model_path("digits-gpt")
+    with pytest.raises(SkipitError, match="no saved model"):
+        load_tiny_vlm(path=tmp_path)
+    monkeypatch.setenv("SKIPIT_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(SkipitError, match="SKIPIT_DATA"):
+        data_dir()
+    monkeypatch.setenv("SKIPIT_DATA", str(tmp_path))
+    with pytest.raises(SkipitError, match="train it|no saved model"):
+        model_path("digits-llava")
+
+
+TINY = ModelSize(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, vision_hidden=32, vision_layers=1,
+                 vision_heads=2, vision_intermediate=64)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_training_lowers_loss_and_round_trips(arch, tmp_path):
+    from skipit_core.zoo.train import train
+
+    model, processor, hist = train(arch, tmp_path, steps=40, batch_size=16, lr=3e-3, warmup=5, eval_every=0,
+                                   val_per_family=2, size=TINY, progress=False, log=lambda s: None,
+                                   vision_steps=3, vision_batch_size=8)
+    loss = hist["loss"]
+    assert sum(loss[-8:]) / 8 < sum(loss[:8]) / 8 - 0.5, loss
+    meta = json.loads((tmp_path / "training.json").read_text())
+    assert meta["steps"] == 40 and meta["arch"] == arch and len(meta["validation"]) == 1
+    from transformers import AutoModelForImageTextToText
+
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    proc2 = load_processor(tmp_path)
+    data = DigitScenes("validation").generate(1, seed=0)
+    a, b = encode(processor, data), encode(proc2, data)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(next_token_logits(model.eval(), a), next_token_logits(again, b))
+
+
+def test_same_seed_same_weights():
+    m1, _ = build("llava", TINY, seed=3)
+    m2, _ = build("llava", TINY, seed=3)
+    m3, _ = build("llava", TINY, seed=4)
+    s1, s2, s3 = m1.state_dict(), m2.state_dict(), m3.state_dict()
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+    assert not all(torch.equal(s1[k], s3[k]) for k in s1)
+
+
+@pytest.mark.skipif(not has_torchvision(), reason="transformers' Qwen2-VL video processor needs torchvision")
+def test_qwen_folder_loads_with_auto_processor(tmp_path):
+    from transformers import AutoProcessor
+
+    model, processor = build("qwen2vl", TINY)
+    save_processor(processor, tmp_path)
+    assert type(AutoProcessor.from_pretrained(tmp_path)).__name__ == "Qwen2VLProcessor"
+
+
+def test_tokenizer_knows_every_word():
+    from skipit_core.tasks import VOCABULARY
+
+    for arch in ("llava", "qwen2vl"):
+        _, processor = build(arch, TINY)
+        tok = processor.tokenizer
+        assert tok.unk_token_id not in tok.convert_tokens_to_ids(list(VOCABULARY))
+        assert tok("Is there a 7?")["input_ids"] == tok("is there a 7 ?")["input_ids"]
+        assert tok.padding_side == "left"
