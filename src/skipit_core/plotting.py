@@ -75,6 +75,10 @@ def plot_profile(profile, *, modalities: Sequence[str] = ("vision", "text"),
                  "uniform share": profile.vision_attention("uniform")},
                 "attention mass on vision keys", band=band, ax=axes[1],
                 title="Vision attention ratio (VAR)")
+    uniform = axes[1].lines[2]
+    uniform.set(linestyle="--", color=MODALITY_COLORS["sink"], marker="")
+    axes[1].set_ylim(0, 1)
+    axes[1].legend(frameon=False)
     plt.tight_layout()
     return np.asarray(axes)
 
