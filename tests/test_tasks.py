@@ -207,7 +207,7 @@ def tiny_llava():
 def test_prompts_and_left_padding(tiny_llava, small):
     model, processor = tiny_llava
     prompts = build_prompts(processor, ["how many digits are there ?"])
-    assert prompts == ["USER: <image>\nhow many digits are there ? ASSISTANT:"]
+    assert prompts == ["USER: how many digits are there ? <image> ASSISTANT:"]
     data = small[:4]
     inputs = encode(processor, data)
     ids, mask = inputs["input_ids"], inputs["attention_mask"]

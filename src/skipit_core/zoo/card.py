@@ -25,7 +25,7 @@ def evaluation(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Fresh test-split evaluation of the model in ``path`` (with blank baseline), as a dict."""
     import torch
 
-    from ..tasks import DigitScenes, evaluate
+    from ..tasks import DigitScenes, build_prompts, evaluate
     from . import load_tiny_vlm
 
     model, processor = load_tiny_vlm(path=path)
@@ -38,7 +38,8 @@ def evaluation(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
              eval_time_s=round(time.perf_counter() - t0, 1),
              parameters=int(sum(p.numel() for p in model.parameters())),
              model_class=type(model).__name__, processor_class=type(processor).__name__,
-             vision_tokens=int((encode_one(processor, data) == model.config.image_token_id).sum()))
+             vision_tokens=int((encode_one(processor, data) == model.config.image_token_id).sum()),
+             prompt=build_prompts(processor, ["{question}"])[0])
     return d
 
 
@@ -92,7 +93,8 @@ model = AutoModelForImageTextToText.from_pretrained("data/models/{name}")
 - vision tower: {vis_cfg.get('model_type')}, {vis_cfg.get('num_hidden_layers', vis_cfg.get('depth'))} layers,
   64x64 input, patch {vis_cfg.get('patch_size')}; **{ev['vision_tokens']} vision tokens** per image.
 - tokenizer: word-level `PreTrainedTokenizerFast` ({text_cfg.get('vocab_size')} tokens); prompt
-  `USER: <image>\\n{{question}} ASSISTANT:` via the shipped chat template; the answer is the next token.
+  `{ev['prompt']}` (the shipped chat template; the image token expands to {ev['vision_tokens']}
+  vision tokens); the answer is the next token.
 
 ## Data
 

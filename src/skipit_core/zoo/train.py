@@ -44,13 +44,18 @@ def _lr_lambda(warmup: int, total: int, floor: float = 0.1):
 
 
 def cell_labels(data) -> "Any":
-    """``LongTensor[B, 16]``: the digit in each grid cell (row-major), 10 where the cell is empty."""
+    """``LongTensor[B, 3, 16]``: per grid cell (row-major) the digit in it, in the cell left of it and in
+    the cell above it; 10 where that cell is empty or off the grid."""
     import torch
 
-    labels = torch.full((len(data), 16), 10, dtype=torch.long)
+    own = torch.full((len(data), 16), 10, dtype=torch.long)
     for i, m in enumerate(data.meta):
-        labels[i, m["cells"]] = torch.tensor(m["digits"])
-    return labels
+        own[i, m["cells"]] = torch.tensor(m["digits"])
+    padded = torch.full((len(data), 5, 5), 10, dtype=torch.long)
+    padded[:, 1:, 1:] = own.view(-1, 4, 4)
+    left = padded[:, 1:, :-1].reshape(-1, 16)
+    above = padded[:, :-1, 1:].reshape(-1, 16)
+    return torch.stack([own, left, above], dim=1)
 
 
 def vision_features(model, arch: str, inputs) -> "Any":
@@ -76,17 +81,18 @@ def vision_features(model, arch: str, inputs) -> "Any":
 
 def pretrain_vision(model, processor, arch, gen, steps, *, batch_size=128, lr=3e-3, seed=0, clip=1.0,
                     progress=True, log=print) -> dict:
-    """Stage 1: train the vision tower (and a throw-away linear head) to name the digit in each cell.
+    """Stage 1: train the vision tower (and a throw-away linear head) to name, for the cell each vision
+    token lies in, its digit and the digits in the cells left of and above it (11-way each: digit or
+    empty/off-grid), on fresh train-pool scenes.
 
-    The analogue of starting LLaVA from a pretrained CLIP: a per-token 11-way classification (digit or
-    empty) of the cell each vision token lies in, on fresh train-pool scenes. The head is discarded;
-    only the tower's weights carry over to stage 2.
+    The analogue of starting LLaVA from a pretrained CLIP. The head is discarded; only the tower's
+    weights carry over to stage 2 (where the answer-token loss alone trains everything).
     """
     import torch
 
     tower = model.model.vision_tower if arch == "llava" else model.model.visual
     feats_dim = model.config.vision_config.hidden_size
-    head = torch.nn.Linear(feats_dim, 11)
+    head = torch.nn.Linear(feats_dim, 33)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, steps), steps))
@@ -102,8 +108,8 @@ def pretrain_vision(model, processor, arch, gen, steps, *, batch_size=128, lr=3e
         data = gen.sample(batch_size, rng)
         pix = processor.image_processor([data.image(i) for i in range(len(data))], return_tensors="pt")
         feats, cells = vision_features(model, arch, pix)
-        labels = cell_labels(data)[:, cells]
-        logits = head(feats)
+        labels = cell_labels(data)[:, :, cells].transpose(1, 2)  # [B, tokens, 3]
+        logits = head(feats).unflatten(-1, (3, 11))
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -111,7 +117,7 @@ def pretrain_vision(model, processor, arch, gen, steps, *, batch_size=128, lr=3e
         opt.step()
         sched.step()
         losses.append(loss.item())
-        accs.append(float((logits.argmax(-1) == labels).float().mean()))
+        accs.append(float((logits.argmax(-1) == labels).float().mean()))  # own, left and above together
         if progress:
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", acc=f"{np.mean(accs[-20:]):.3f}", refresh=False)
     log(f"vision pretrain: {steps} steps, last-50 token accuracy {np.mean(accs[-50:]):.3f}, loss {np.mean(losses[-50:]):.3f}")
@@ -123,7 +129,8 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
           lr: float = 2e-3, warmup: int = 100, weight_decay: float = 0.01, clip: float = 1.0, seed: int = 0,
           eval_every: int = 200, val_per_family: int = 30, threads: int | None = None,
           size: ModelSize | None = None, progress: bool = True, log=print, command: str | None = None,
-          vision_steps: int = 0, vision_batch_size: int = 128, vision_lr: float = 3e-3):
+          vision_steps: int = 0, vision_batch_size: int = 128, vision_lr: float = 3e-3,
+          vision_lr_mult: float = 0.1):
     """Train and (if ``out``) save; returns ``(model, processor, history)``.
 
     ``history`` is a dict with the per-step ``loss`` list and the ``validation`` log
@@ -145,10 +152,15 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
     tok = processor.tokenizer
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98), eps=1e-8)
+    tower = model.model.vision_tower if arch == "llava" else model.model.visual
+    in_tower = {id(p) for p in tower.parameters()}
+    groups = []
+    for is_tower in (False, True):
+        for decays in (True, False):
+            ps = [p for p in params if (id(p) in in_tower) == is_tower and (p.dim() >= 2) == decays]
+            groups.append({"params": ps, "weight_decay": weight_decay if decays else 0.0,
+                           "lr": lr * (vision_lr_mult if is_tower else 1.0)})
+    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(warmup, steps), steps))
     train_gen = DigitScenes("train")
     val = DigitScenes("validation").generate(val_per_family, seed=seed + 1) if val_per_family else None
@@ -202,7 +214,7 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
         save_processor(processor, out)
         meta = dict(
             arch=arch, command=command, seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
-            weight_decay=weight_decay, clip=clip, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",
+            weight_decay=weight_decay, clip=clip, vision_lr_mult=vision_lr_mult, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",
             optimizer="AdamW(betas=(0.9, 0.98))", size=size.to_dict(),
             parameters=int(sum(p.numel() for p in model.parameters())),
             wall_time_s=round(wall, 1), threads=torch.get_num_threads(), machine=platform.machine(),
@@ -234,6 +246,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--vision-steps", type=int, default=300, help="stage-1 vision pretraining steps (0: none)")
     ap.add_argument("--vision-batch-size", type=int, default=128)
     ap.add_argument("--vision-lr", type=float, default=3e-3)
+    ap.add_argument("--vision-lr-mult", type=float, default=0.1, help="stage-2 lr of the vision tower / --lr")
     for name, value in ModelSize().to_dict().items():
         if isinstance(value, int):
             ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
@@ -249,7 +262,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_every=args.eval_every,
           val_per_family=args.val_per_family, threads=args.threads, size=ModelSize(**base),
           progress=not args.no_progress, log=lambda s: print(s, flush=True), command=command,
-          vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr)
+          vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr,
+          vision_lr_mult=args.vision_lr_mult)
 
 
 if __name__ == "__main__":
