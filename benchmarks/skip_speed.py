@@ -7,8 +7,9 @@ gives) and 48 text tokens (6 before the image, 42 after). The CLIP tower is a 1-
 that nearly all the time is the language model's, and it is timed with the rest: every number is a
 whole ``model(**inputs)`` prefill as ``generate()`` runs it (KV cache on, logits of the last position).
 
-Every configuration is timed in interleaved rounds (one prefill of each per round) in the same run, so
-load drift on a shared machine hits them alike. Rows:
+Every configuration is timed in the same run, in rounds; in each round every row runs right after a
+baseline prefill and the realized speedup is the median over rounds of these paired ratios, so load
+drift on a shared machine hits both sides of a ratio alike. Rows:
 
 * skipit plans: ``early_exit(k)``, ``late_entry(k)``, ``vision_freeze(band)``, ``whole_layers(band)``;
 * ``mask early_exit(k)``: the common shortcut that attention-masks the vision keys away from layer k on
@@ -155,26 +156,37 @@ def main() -> None:
     for _, _, _, run in rows:  # warm-up
         run()
     samples: dict[str, list[float]] = {name: [] for name, *_ in rows}
-    for _ in range(args.rounds):
-        for name, _, _, run in rows:
-            start = time.perf_counter()
-            run()
-            samples[name].append((time.perf_counter() - start) * 1e3)
-    timings = {name: bench.Timing(name, tuple(v), "cpu") for name, v in samples.items()}
-    base = timings["baseline"].median
+    speedups: dict[str, list[float]] = {name: [] for name, *_ in rows}
+    baseline = rows[0][3]
+    for r in range(args.rounds):  # paired: each row runs right after a baseline; the order rotates
+        others = rows[1:]
+        for name, _, _, run in others[r % len(others):] + others[:r % len(others)]:
+            base_ms, plan_ms = _timed(baseline), _timed(run)
+            samples["baseline"].append(base_ms)
+            samples[name].append(plan_ms)
+            speedups[name].append(base_ms / plan_ms)
+    speedups["baseline"] = [1.0]
     cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
     print(f"# skip_speed.py  {datetime.date.today()}  {cpu.split(':')[-1].strip()}  torch {torch.__version__}  "
           f"transformers {tf.__version__}  threads={args.threads}  python {platform.python_version()}")
     print(f"# LLaVA-1.5 proportions: {args.layers} layers x 1024, {N_VISION} vision + "
-          f"{TEXT_BEFORE + TEXT_AFTER} text tokens, {args.rounds} interleaved rounds; prefill = whole model")
-    print("| configuration | kind | median ms | IQR ms | realized speedup | ideal (FLOPs) | realized/ideal |")
-    print("|---|---|---:|---:|---:|---:|---:|")
+          f"{TEXT_BEFORE + TEXT_AFTER} text tokens; {args.rounds} rounds, each row paired with a baseline run "
+          "just before it; prefill = whole model")
+    print("| configuration | kind | median ms | IQR ms | n | ideal (FLOPs) | realized (median of pairs) | "
+          "IQR of pairs | realized/ideal |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, kind, plan, _ in rows:
-        t = timings[name]
+        t = bench.Timing(name, tuple(samples[name]), "cpu")
+        pairs = bench.Timing(name, tuple(speedups[name]), "cpu")
         ideal = bench.ideal_speedup(model, N_VISION, TEXT_BEFORE + TEXT_AFTER, plan, text_before=TEXT_BEFORE)
-        realized = base / t.median
-        print(f"| {name} | {kind} | {t.median:.0f} | {t.iqr:.0f} | {realized:.2f}x | {ideal:.2f}x | "
-              f"{realized / ideal:.2f} |")
+        print(f"| {name} | {kind} | {t.median:.0f} | {t.iqr:.0f} | {t.n} | {ideal:.2f}x | {pairs.median:.2f}x | "
+              f"{pairs.iqr:.2f} | {pairs.median / ideal:.2f} |")
+
+
+def _timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return (time.perf_counter() - start) * 1e3
 
 
 if __name__ == "__main__":
