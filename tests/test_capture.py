@@ -12,7 +12,7 @@ import torch
 from skipit_core.capture import LayerProfile, profile
 from skipit_core.errors import InputError, NumericalError, SkipitError, UnsupportedModelError
 from skipit_core.models import Backbone, TokenKind
-from tiny_vlms import BUILDERS, PAD_ID, make
+from tiny_vlms import BUILDERS, PAD_ID, layer_io, make
 
 NAMES = list(BUILDERS)
 KIND = {"text": [TokenKind.TEXT], "vision": [TokenKind.VISION], "sink": [TokenKind.SINK],
@@ -45,19 +45,8 @@ def singles_of(tiny, prompts=PROMPTS, seed=0, images=None):
 
 def reference(model, inputs):
     """Per-layer (x_in, x_out) in float64 from plain hooks, and the token kinds."""
-    bb = Backbone.of(model)
-    seen = {}
-    hooks = [layer.register_forward_hook(
-        lambda m, a, kw, out, i=i: seen.__setitem__(i, (a[0].double(), out.double())), with_kwargs=True)
-        for i, layer in enumerate(bb.layers)]
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    kinds = bb.token_kinds(inputs["input_ids"], inputs["attention_mask"])
-    return [seen[i] for i in range(bb.n_layers)], kinds
+    pairs, _ = layer_io(model, inputs)
+    return pairs, Backbone.of(model).token_kinds(inputs["input_ids"], inputs["attention_mask"])
 
 
 def ref_stats(pairs, kinds, modality):
@@ -73,14 +62,6 @@ def ref_stats(pairs, kinds, modality):
     return np.array(mean), np.array(var), np.array(ratio), dists
 
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (2 threads thrash on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module", params=NAMES)

@@ -13,40 +13,17 @@ from skipit_core.errors import InputError
 from skipit_core.measures import (angular_distance, block_influence, fastv_scores, layer_contribution,
                                   vtw_kl)
 from skipit_core.models import Backbone, TokenKind
-from tiny_vlms import BUILDERS, make
+from tiny_vlms import BUILDERS, layer_io, make
 
 PROMPTS = [(2, 3), (0, 5), (1, 2)]
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (2 threads thrash on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def hidden_pairs(model, inputs):
-    bb = Backbone.of(model)
-    seen = {}
-    hooks = [layer.register_forward_hook(
-        lambda m, a, kw, out, i=i: seen.__setitem__(i, (a[0].double(), out.double())), with_kwargs=True)
-        for i, layer in enumerate(bb.layers)]
-    try:
-        with torch.no_grad():
-            logits = model(**inputs).logits
-    finally:
-        for h in hooks:
-            h.remove()
-    return [seen[i] for i in range(bb.n_layers)], logits
 
 
 @pytest.mark.parametrize("name", ["llava", "qwen2_5_vl", "gemma3"])
 def test_block_influence_is_one_minus_mean_cos(name):
     tiny = make(name)
     inputs = tiny.inputs(prompts=PROMPTS, seed=3)
-    pairs, _ = hidden_pairs(tiny.model, inputs)
+    pairs, _ = layer_io(tiny.model, inputs)
     kinds = Backbone.of(tiny.model).token_kinds(inputs["input_ids"], inputs["attention_mask"])
     real = kinds != TokenKind.PAD
     ref = [1 - torch.nn.functional.cosine_similarity(a[real], b[real], dim=-1).mean().item() for a, b in pairs]
@@ -116,7 +93,7 @@ def test_vtw_matches_text_only_attention_in_eager():
 def test_angular_distance_in_unit_interval_and_matches_reference(name):
     tiny = make(name)
     inputs = tiny.inputs(prompts=PROMPTS, seed=9)
-    pairs, _ = hidden_pairs(tiny.model, inputs)
+    pairs, _ = layer_io(tiny.model, inputs)
     last = inputs["attention_mask"].shape[1] - 1
     states = [pairs[0][0][:, last]] + [out[:, last] for _, out in pairs]
     for n in (1, 2, 4):

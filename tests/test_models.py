@@ -15,14 +15,6 @@ TEXT_MODEL_ATTR = {"idefics3": "text_model", "smolvlm": "text_model"}
 
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (2 threads thrash on a shared 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.mark.parametrize("name", list(BUILDERS))
 def test_backbone_finds_layers_and_sizes(name):

@@ -229,3 +229,24 @@ BUILDERS = {
     "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl, "idefics3": build_idefics3,
     "smolvlm": build_smolvlm, "paligemma": build_paligemma, "gemma3": build_gemma3,
 }
+
+
+def layer_io(model, inputs: dict):
+    """Plain reference: every decoder layer's ``(input, output)`` in float64, and the logits.
+
+    Hooks read ``args[0]`` and the returned tensor of each layer of ``Backbone.of(model).layers``.
+    """
+    from skipit_core.models import Backbone
+
+    bb = Backbone.of(model)
+    seen = {}
+    hooks = [layer.register_forward_hook(
+        lambda m, a, kw, out, i=i: seen.__setitem__(i, (a[0].double(), out.double())), with_kwargs=True)
+        for i, layer in enumerate(bb.layers)]
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return [seen[i] for i in range(bb.n_layers)], logits
