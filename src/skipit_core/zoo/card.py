@@ -70,7 +70,16 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
         for r in ev["by_family"])
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     name = path.name
-    vp = tr.get("vision_pretrain") or {}
+    chain, t = [], tr
+    while t:
+        chain.append(t)
+        t = t.get("previous")
+    chain.reverse()
+    vp = (chain[0].get("vision_pretrain") if chain else None) or {}
+    commands = "\n".join(str(c.get("command")) for c in chain) or "(training.json missing)"
+    total_wall = sum(c.get("wall_time_s", 0.0) for c in chain)
+    stages_text = " then ".join(
+        f"{c.get('steps')} steps of batch {c.get('batch_size')} at peak lr {c.get('lr')}" for c in chain).capitalize() + "."
     card = f"""# {name}
 
 A small vision-language model trained from scratch (on a CPU) to answer DigitScenes questions
@@ -106,15 +115,16 @@ pool of source images; validation and test use disjoint pools (split by source i
 ## Training
 
 ```
-{tr.get('command', '(training.json missing)')}
+{commands}
 ```
 
-seed {tr.get('seed')}; {tr.get('steps')} steps of batch {tr.get('batch_size')} (answer-token cross-entropy),
-AdamW lr {tr.get('lr')}, {tr.get('schedule')}, gradient clipping {tr.get('clip')}; preceded by
-{vp.get('steps', 0)} steps of vision-tower pretraining (per-token "which digit is in my cell",
-the stand-in for starting from a pretrained CLIP; the head is discarded). Wall time
-{tr.get('wall_time_s', float('nan')) / 60:.1f} min on {tr.get('threads')} CPU threads (shared machine),
-torch {tr.get('torch')}, transformers {tr.get('transformers')}.
+{stages_text} Seed {chain[0].get('seed') if chain else None}; loss = answer-token cross-entropy only;
+AdamW, {chain[0].get('schedule') if chain else ''} (per run), gradient clipping {chain[0].get('clip') if chain else ''}, vision tower at
+{chain[0].get('vision_lr_mult') if chain else ''} x the learning rate. The first run starts with {vp.get('steps', 0)} steps of
+vision-tower pretraining (per vision token: the digit in its cell and in the cells left of and above it,
+the stand-in for starting from a pretrained CLIP; that head is discarded). Total wall time
+{total_wall / 60:.1f} min on 1 CPU thread of a shared 2-core machine, torch {tr.get('torch')},
+transformers {tr.get('transformers')}. Full logs (validation accuracy during training) are in `training.json`.
 
 ## Evaluation (frozen test split, n = {ev['n']})
 

@@ -130,7 +130,7 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
           eval_every: int = 200, val_per_family: int = 30, threads: int | None = None,
           size: ModelSize | None = None, progress: bool = True, log=print, command: str | None = None,
           vision_steps: int = 0, vision_batch_size: int = 128, vision_lr: float = 3e-3,
-          vision_lr_mult: float = 0.1):
+          vision_lr_mult: float = 0.1, init_from: str | Path | None = None):
     """Train and (if ``out``) save; returns ``(model, processor, history)``.
 
     ``history`` is a dict with the per-step ``loss`` list and the ``validation`` log
@@ -149,6 +149,19 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
     set_seed(seed)
     size = size or SIZES[arch]
     model, processor = build(arch, size, seed=seed)
+    previous = None
+    if init_from is not None:
+        from transformers import AutoModelForImageTextToText
+
+        from .build import load_processor
+
+        init_from = Path(init_from)
+        model = AutoModelForImageTextToText.from_pretrained(init_from, dtype=torch.float32)
+        processor = load_processor(init_from)
+        if (init_from / "training.json").exists():
+            previous = json.loads((init_from / "training.json").read_text())
+            size = ModelSize(**previous["size"])
+        vision_steps = 0
     tok = processor.tokenizer
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -214,6 +227,7 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
         save_processor(processor, out)
         meta = dict(
             arch=arch, command=command, seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
+            init_from=str(init_from) if init_from else None, previous=previous,
             weight_decay=weight_decay, clip=clip, vision_lr_mult=vision_lr_mult, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",
             optimizer="AdamW(betas=(0.9, 0.98))", size=size.to_dict(),
             parameters=int(sum(p.numel() for p in model.parameters())),
@@ -250,6 +264,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name, value in ModelSize().to_dict().items():
         if isinstance(value, int):
             ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
+    ap.add_argument("--init-from", default=None, help="continue training a saved model (no vision pretraining)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     base = SIZES[args.arch].to_dict()
@@ -263,7 +278,7 @@ def main(argv: Sequence[str] | None = None) -> None:
           val_per_family=args.val_per_family, threads=args.threads, size=ModelSize(**base),
           progress=not args.no_progress, log=lambda s: print(s, flush=True), command=command,
           vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr,
-          vision_lr_mult=args.vision_lr_mult)
+          vision_lr_mult=args.vision_lr_mult, init_from=args.init_from)
 
 
 if __name__ == "__main__":
