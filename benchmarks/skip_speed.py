@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
+import os
 import statistics
 import subprocess
 import time
@@ -155,38 +155,45 @@ def main() -> None:
     rows = configurations(model, inputs, args.layers)
     for _, _, _, run in rows:  # warm-up
         run()
-    samples: dict[str, list[float]] = {name: [] for name, *_ in rows}
-    speedups: dict[str, list[float]] = {name: [] for name, *_ in rows}
+    wall: dict[str, list[float]] = {name: [] for name, *_ in rows}
+    cpu: dict[str, list[float]] = {name: [] for name, *_ in rows}
+    ratio_wall: dict[str, list[float]] = {name: [] for name, *_ in rows}
+    ratio_cpu: dict[str, list[float]] = {name: [] for name, *_ in rows}
     baseline = rows[0][3]
     for r in range(args.rounds):  # paired: each row runs right after a baseline; the order rotates
         others = rows[1:]
         for name, _, _, run in others[r % len(others):] + others[:r % len(others)]:
-            base_ms, plan_ms = _timed(baseline), _timed(run)
-            samples["baseline"].append(base_ms)
-            samples[name].append(plan_ms)
-            speedups[name].append(base_ms / plan_ms)
-    speedups["baseline"] = [1.0]
-    cpu = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
-    print(f"# skip_speed.py  {datetime.date.today()}  {cpu.split(':')[-1].strip()}  torch {torch.__version__}  "
-          f"transformers {tf.__version__}  threads={args.threads}  python {platform.python_version()}")
+            base_wall, base_cpu = _timed(baseline)
+            plan_wall, plan_cpu = _timed(run)
+            wall["baseline"].append(base_wall)
+            cpu["baseline"].append(base_cpu)
+            wall[name].append(plan_wall)
+            cpu[name].append(plan_cpu)
+            ratio_wall[name].append(base_wall / plan_wall)
+            ratio_cpu[name].append(base_cpu / plan_cpu)
+    machine = subprocess.run("lscpu | grep 'Model name'", shell=True, capture_output=True, text=True).stdout
+    print(f"# skip_speed.py  {datetime.date.today()}  {machine.split(':')[-1].strip()}  torch {torch.__version__}  "
+          f"transformers {tf.__version__}  threads={args.threads}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}  "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"# LLaVA-1.5 proportions: {args.layers} layers x 1024, {N_VISION} vision + "
           f"{TEXT_BEFORE + TEXT_AFTER} text tokens; {args.rounds} rounds, each row paired with a baseline run "
-          "just before it; prefill = whole model")
-    print("| configuration | kind | median ms | IQR ms | n | ideal (FLOPs) | realized (median of pairs) | "
-          "IQR of pairs | realized/ideal |")
+          "just before it; speedups are medians of the per-pair ratios; prefill = whole model")
+    print("| configuration | kind | ideal (FLOPs) | CPU ms (median) | realized, CPU time | realized/ideal, CPU | "
+          "wall ms (median, IQR) | realized, wall | realized/ideal, wall |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for name, kind, plan, _ in rows:
-        t = bench.Timing(name, tuple(samples[name]), "cpu")
-        pairs = bench.Timing(name, tuple(speedups[name]), "cpu")
         ideal = bench.ideal_speedup(model, N_VISION, TEXT_BEFORE + TEXT_AFTER, plan, text_before=TEXT_BEFORE)
-        print(f"| {name} | {kind} | {t.median:.0f} | {t.iqr:.0f} | {t.n} | {ideal:.2f}x | {pairs.median:.2f}x | "
-              f"{pairs.iqr:.2f} | {pairs.median / ideal:.2f} |")
+        t_wall, t_cpu = bench.Timing(name, tuple(wall[name]), "cpu"), bench.Timing(name, tuple(cpu[name]), "cpu")
+        s_cpu, s_wall = (statistics.median(r[name]) if r[name] else 1.0 for r in (ratio_cpu, ratio_wall))
+        print(f"| {name} | {kind} | {ideal:.2f}x | {t_cpu.median:.0f} | {s_cpu:.2f}x | {s_cpu / ideal:.2f} | "
+              f"{t_wall.median:.0f} ({t_wall.iqr:.0f}) | {s_wall:.2f}x | {s_wall / ideal:.2f} |")
 
 
-def _timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def _timed(run: Callable[[], None]) -> tuple[float, float]:
+    """(wall ms, process CPU ms) of one call."""
+    w0, c0 = time.perf_counter(), time.process_time()
     run()
-    return (time.perf_counter() - start) * 1e3
+    return (time.perf_counter() - w0) * 1e3, (time.process_time() - c0) * 1e3
 
 
 if __name__ == "__main__":

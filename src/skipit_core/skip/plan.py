@@ -199,11 +199,15 @@ class SkipPlan:
         return all(m is LayerMode.FULL for m in self.modes(n_layers))
 
     def validate(self, backbone: Any) -> "SkipPlan":
-        """Check the plan against a backbone (or a layer count); return it, or raise :class:`PlanError`.
+        """Check the plan against a model, its backbone, or a layer count; return it or raise :class:`PlanError`.
 
         Layer indices must exist; ``late_entry(k)`` and ``early_exit(k)`` need ``0 <= k <= n_layers``;
         vision-freeze layers must have a structure :mod:`skipit_core.skip` knows how to split by rows.
         """
+        if not isinstance(backbone, int):
+            from ..models import Backbone
+
+            backbone = Backbone.of(backbone)
         n_layers = backbone if isinstance(backbone, int) else backbone.n_layers
         for name, k in (("late_entry", self.entry), ("early_exit", self.exit)):
             if k is not None and k > n_layers:
