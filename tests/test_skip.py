@@ -454,7 +454,7 @@ def test_rows_leave_the_tensors_and_layers_are_not_called(monkeypatch):
     plan = SkipPlan.whole_layers(0) | SkipPlan.vision_freeze(1) | SkipPlan.early_exit(3)
     try:
         with skipping(t.model, plan):
-            assert isinstance(bb.layers[0], SkipLayer) and bb.layers[2] is not None
+            assert isinstance(bb.layers[0], SkipLayer) and not isinstance(bb.layers[2], SkipLayer)
             logits(t.model, inputs, "llava")
     finally:
         for h in handles:
@@ -608,5 +608,4 @@ def test_cache_from_another_plan_is_refused():
         with pytest.raises(PlanError, match="filled under plan early_exit\\(2\\)"):
             t.model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache,
                     attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long))
-    with pytest.raises(SkipitError):
-        raise PlanError("PlanError is a SkipitError")
+    assert issubclass(PlanError, SkipitError) and issubclass(InputError, SkipitError)
