@@ -271,6 +271,16 @@ def test_load_pope_from_jsonl_and_rows():
         load_pope([{"question": "q", "answer": "yes"}])
 
 
+def test_load_pope_hub_name_needs_datasets():
+    try:
+        import datasets  # noqa: F401
+    except ImportError:
+        with pytest.raises(SkipitError, match="pip install datasets"):
+            load_pope("lmms-lab/POPE")
+    else:
+        pytest.skip("datasets is installed; the hub path would need the network")
+
+
 def test_pope_items_run_through_evaluate(tiny_llava):
     model, processor = tiny_llava
     data = load_pope(FIXTURES / "pope" / "pope.jsonl")

@@ -396,10 +396,18 @@ class DigitScenes:
             items = [items[i] for i in rng.permutation(len(items))]
         return self._collect(items, f"digitscenes-{self.split}")
 
-    def sample(self, n: int, rng: np.random.Generator | int) -> VQASet:
-        """``n`` fresh random items (family uniform, then answer uniform): for training on the fly."""
+    def sample(self, n: int, rng: np.random.Generator | int, weights: Sequence[float] | None = None) -> VQASet:
+        """``n`` fresh random items (family uniform, or drawn with ``weights`` per family of this
+        generator; then answer uniform): for training on the fly."""
         rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
-        fams = rng.integers(len(self.families), size=n)
+        if weights is None:
+            fams = rng.integers(len(self.families), size=n)
+        else:
+            w = np.asarray(weights, dtype=float)
+            if w.shape != (len(self.families),) or (w < 0).any() or w.sum() <= 0:
+                raise InputError(f"weights must be {len(self.families)} non-negative numbers, one per family "
+                                 f"{list(self.families)}; got {list(weights)}.")
+            fams = rng.choice(len(self.families), size=n, p=w / w.sum())
         return self._collect([self.item(self.families[f], None, rng) for f in fams], f"digitscenes-{self.split}")
 
     def stream(self, batch_size: int, seed: int = 0) -> Iterator[VQASet]:
@@ -537,7 +545,7 @@ def normalize_answer(text: str) -> str:
 
 
 def _wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    # TODO: use skipit_core.theory.wilson_interval once theory.py lands (same formula).
+    # fallback only: wilson() uses skipit_core.theory.wilson_interval (same formula) when importable
     if n == 0:
         return 0.0, 1.0
     from statistics import NormalDist

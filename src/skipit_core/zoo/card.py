@@ -34,6 +34,8 @@ def evaluation(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     with torch.no_grad():
         result = evaluate(model, processor, data, batch_size=batch_size, with_blank=True)
     d = result.to_dict()
+    d["predictions"] = list(result.predictions)
+    d["blank"]["predictions"] = list(result.blank.predictions)
     d.update(batch_size=batch_size, data="data/digitscenes/test (frozen)",
              eval_time_s=round(time.perf_counter() - t0, 1),
              parameters=int(sum(p.numel() for p in model.parameters())),

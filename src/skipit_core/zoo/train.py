@@ -130,7 +130,8 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
           eval_every: int = 200, val_per_family: int = 30, threads: int | None = None,
           size: ModelSize | None = None, progress: bool = True, log=print, command: str | None = None,
           vision_steps: int = 0, vision_batch_size: int = 128, vision_lr: float = 3e-3,
-          vision_lr_mult: float = 0.1, init_from: str | Path | None = None):
+          vision_lr_mult: float = 0.1, init_from: str | Path | None = None,
+          family_weights: Sequence[float] | None = None):
     """Train and (if ``out``) save; returns ``(model, processor, history)``.
 
     ``history`` is a dict with the per-step ``loss`` list and the ``validation`` log
@@ -201,7 +202,7 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
         bar = tqdm(bar, desc=f"train {arch}", unit="step", mininterval=10, file=sys.stderr)
     t0 = time.perf_counter()
     for step in bar:
-        data = train_gen.sample(batch_size, rng)
+        data = train_gen.sample(batch_size, rng, family_weights)
         inputs = encode(processor, data)
         target = torch.tensor(tok.convert_tokens_to_ids(list(data.answers)))
         logits = model(**inputs, logits_to_keep=1).logits[:, -1, :]
@@ -228,6 +229,7 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
         meta = dict(
             arch=arch, command=command, seed=seed, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
             init_from=str(init_from) if init_from else None, previous=previous,
+            family_weights=None if family_weights is None else dict(zip(train_gen.families, family_weights)),
             weight_decay=weight_decay, clip=clip, vision_lr_mult=vision_lr_mult, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",
             optimizer="AdamW(betas=(0.9, 0.98))", size=size.to_dict(),
             parameters=int(sum(p.numel() for p in model.parameters())),
@@ -265,6 +267,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if isinstance(value, int):
             ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
     ap.add_argument("--init-from", default=None, help="continue training a saved model (no vision pretraining)")
+    ap.add_argument("--family-weights", default=None,
+                    help="comma-separated sampling weights of the families cell,count,present,largest,smallest,left,above")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     base = SIZES[args.arch].to_dict()
@@ -278,7 +282,8 @@ def main(argv: Sequence[str] | None = None) -> None:
           val_per_family=args.val_per_family, threads=args.threads, size=ModelSize(**base),
           progress=not args.no_progress, log=lambda s: print(s, flush=True), command=command,
           vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr,
-          vision_lr_mult=args.vision_lr_mult, init_from=args.init_from)
+          vision_lr_mult=args.vision_lr_mult, init_from=args.init_from,
+          family_weights=None if args.family_weights is None else [float(x) for x in args.family_weights.split(",")])
 
 
 if __name__ == "__main__":
