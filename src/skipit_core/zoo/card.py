@@ -80,6 +80,16 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
     vp = (chain[0].get("vision_pretrain") if chain else None) or {}
     commands = "\n".join(str(c.get("command")) for c in chain) or "(training.json missing)"
     total_wall = sum(c.get("wall_time_s", 0.0) for c in chain)
+    first_out = str(chain[0].get("command", "")).split("--out ")[-1].split(" ")[0] if chain else ""
+    scratch_note = (f"The first run wrote to a scratch folder ({first_out}) that was then copied to "
+                    f"`data/models/{name}`; to reproduce, give it `--out data/models/{name}`. "
+                    if chain and first_out and not first_out.endswith(name) else "")
+    weights_note = ("Runs with `--family-weights` sample the families cell, count, present, largest, smallest, "
+                    "left, above with those weights (evaluation stays balanced): the `present` family has no "
+                    "first-order signal (neither the set of digits nor the queried digit alone says anything "
+                    "about the answer, only their combination), and it stayed at chance under uniform sampling "
+                    "until it was over-sampled."
+                    if any(c.get("family_weights") for c in chain) else "")
     stages_text = " then ".join(
         f"{c.get('steps')} steps of batch {c.get('batch_size')} at peak lr {c.get('lr')}" for c in chain).capitalize() + "."
     card = f"""# {name}
@@ -127,6 +137,7 @@ vision-tower pretraining (per vision token: the digit in its cell and in the cel
 the stand-in for starting from a pretrained CLIP; that head is discarded). Total wall time
 {total_wall / 60:.1f} min on 1 CPU thread of a shared 2-core machine, torch {tr.get('torch')},
 transformers {tr.get('transformers')}. Full logs (validation accuracy during training) are in `training.json`.
+{scratch_note}{weights_note}
 
 ## Evaluation (frozen test split, n = {ev['n']})
 
