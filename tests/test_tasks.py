@@ -293,3 +293,23 @@ def test_pope_items_run_through_evaluate(tiny_llava):
 def test_vqaset_checks_lengths():
     with pytest.raises(InputError, match="differ in length"):
         VQASet(np.zeros((2, 64, 64), np.uint8), ["q"], ["a"], ["f"])
+
+
+def test_evaluate_applies_a_skip_plan(tiny_llava, small):
+    from skipit_core.skip import SkipPlan
+
+    model, processor = tiny_llava
+    data = small[:8]
+    base = evaluate(model, processor, data, batch_size=8)
+    same = evaluate(model, processor, data, plan=SkipPlan.none(), batch_size=8)
+    assert same.predictions == base.predictions
+    logits = tasks.next_token_logits(model, encode(processor, data))
+    from skipit_core.skip import skipping
+
+    with skipping(model, SkipPlan.whole_layers([0, 1])):
+        skipped = tasks.next_token_logits(model, encode(processor, data))
+    assert not torch.allclose(logits, skipped)  # the plan really changes the computation...
+    r = evaluate(model, processor, data, plan=SkipPlan.whole_layers([0, 1]), batch_size=8)
+    pred = [normalize_answer(processor.tokenizer.decode([i])) for i in skipped.argmax(-1).tolist()]
+    assert r.predictions == pred  # ...and evaluate scores under it
+    assert torch.equal(tasks.next_token_logits(model, encode(processor, data)), logits)  # restored
