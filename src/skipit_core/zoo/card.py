@@ -80,10 +80,11 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
     vp = (chain[0].get("vision_pretrain") if chain else None) or {}
     commands = "\n".join(str(c.get("command")) for c in chain) or "(training.json missing)"
     total_wall = sum(c.get("wall_time_s", 0.0) for c in chain)
-    first_out = str(chain[0].get("command", "")).split("--out ")[-1].split(" ")[0] if chain else ""
-    scratch_note = (f"The first run wrote to a scratch folder ({first_out}) that was then copied to "
-                    f"`data/models/{name}`; to reproduce, give it `--out data/models/{name}`. "
-                    if chain and first_out and not first_out.endswith(name) else "")
+    outs = [str(c.get("command", "")).split("--out ")[-1].split(" ")[0] for c in chain]
+    scratch = [o for o in outs if o and not o.rstrip("/").endswith(name)]
+    scratch_note = (f"Runs that wrote to a scratch folder ({', '.join(scratch)}) were copied to "
+                    f"`data/models/{name}` before the next run; to reproduce, give them `--out data/models/{name}`. "
+                    if scratch else "")
     weights_note = ("Runs with `--family-weights` sample the families cell, count, present, largest, smallest, "
                     "left, above with those weights (evaluation stays balanced): the `present` family has no "
                     "first-order signal (neither the set of digits nor the queried digit alone says anything "
