@@ -99,7 +99,7 @@ def test_card_is_generated_from_eval_json(name):
 def test_card_predictions_reproduced_by_evaluate(name):
     """The card's second batch and first blank batch, re-run: same predictions, bit for bit
     (deterministic CPU evaluation, same batch composition; the first batch is re-run in a fresh offline
-    process above). The full re-evaluation is ``test_card_fully_reproduced`` (SKIPIT_FULL=1)."""
+    process above). The full re-evaluation is ``test_card_fully_reproduced``."""
     from skipit_core.tasks import evaluate
 
     folder, stored, _ = _stored(name)
@@ -112,7 +112,6 @@ def test_card_predictions_reproduced_by_evaluate(name):
     assert b.predictions == stored["blank"]["predictions"][:bs]
 
 
-@pytest.mark.skipif(os.environ.get("SKIPIT_FULL") != "1", reason="full test-split re-evaluation (minutes on 2 CPU cores): set SKIPIT_FULL=1")
 @pytest.mark.parametrize("name", SHIPPED)
 def test_card_fully_reproduced(name):
     from skipit_core.zoo.card import evaluation
