@@ -15,13 +15,6 @@ from skipit_core.skip import LayerMode, SkipPlan, skipping
 from tiny_vlms import make
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def llava():

@@ -22,14 +22,6 @@ N_LAYERS = 4
 _MODELS: dict = {}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is ~20x faster than two when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def tiny(name: str, n_layers: int = N_LAYERS):
     """One shared tiny model per (class, depth); tests must leave it as they found it."""

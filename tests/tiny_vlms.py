@@ -115,6 +115,10 @@ def _qwen_extra(patch, merge, temporal, grid_hw):
     return extra
 
 
+QWEN_IDS = dict(image_token_id=IMAGE_ID, video_token_id=IMAGE_ID + 1,
+                vision_start_token_id=IMAGE_ID + 2, vision_end_token_id=IMAGE_ID + 3)
+
+
 def _qwen_text(n_layers):
     return _text(n_layers, bos_token_id=BOS_ID, eos_token_id=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                             "mrope_section": [2, 1, 1]})
@@ -124,8 +128,7 @@ def build_qwen2_vl(n_layers=4):
     cfg = tf.Qwen2VLConfig(
         vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=1),
-        text_config=_qwen_text(n_layers), image_token_id=IMAGE_ID, video_token_id=IMAGE_ID + 1,
-        vision_start_token_id=IMAGE_ID + 2, vision_end_token_id=IMAGE_ID + 3,
+        text_config=_qwen_text(n_layers), **QWEN_IDS,
     )
     return tf.Qwen2VLForConditionalGeneration(cfg), 4, _qwen_extra(4, 2, 1, (4, 4))
 
@@ -135,8 +138,7 @@ def build_qwen2_5_vl(n_layers=4):
         vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
                            spatial_merge_size=2, temporal_patch_size=1, out_hidden_size=32,
                            window_size=16, fullatt_block_indexes=[0]),
-        text_config=_qwen_text(n_layers), image_token_id=IMAGE_ID, video_token_id=IMAGE_ID + 1,
-        vision_start_token_id=IMAGE_ID + 2, vision_end_token_id=IMAGE_ID + 3,
+        text_config=_qwen_text(n_layers), **QWEN_IDS,
     )
     return tf.Qwen2_5_VLForConditionalGeneration(cfg), 4, _qwen_extra(4, 2, 1, (4, 4))
 
@@ -149,8 +151,7 @@ def build_qwen3_vl(n_layers=4):
         text_config=_text(n_layers, bos_token_id=BOS_ID, eos_token_id=2,
                           rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                            "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
-        image_token_id=IMAGE_ID, video_token_id=IMAGE_ID + 1,
-        vision_start_token_id=IMAGE_ID + 2, vision_end_token_id=IMAGE_ID + 3,
+        **QWEN_IDS,
     )
     return tf.Qwen3VLForConditionalGeneration(cfg), 4, _qwen_extra(4, 2, 1, (4, 4))
 
