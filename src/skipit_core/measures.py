@@ -99,6 +99,21 @@ def angular_distance(model: nn.Module, batches: Batches, n: int = 1) -> np.ndarr
 
 
 # -------------------------------------------------------------------------------------- ShortV
+
+def _kl_per_variant(bb: Backbone, batches, variants: list[dict]) -> np.ndarray:
+    """``E KL(P_full || P_variant)`` of the last-token distribution for each variant (a dict of
+    ``pre=``/``post=`` hooks for :func:`last_logprobs`), averaged over samples holding vision tokens; nats."""
+    total, n = torch.zeros(len(variants), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    for inputs, layout in iter_batches(bb, batches):
+        if not layout.has_vision:
+            continue
+        has = (layout.n_vision > 0).double()
+        base = last_logprobs(bb, inputs, layout)
+        for i, hooks in enumerate(variants):
+            total[i] += (_kl(base, last_logprobs(bb, inputs, layout, **hooks)) * has.to(base.device)).sum().cpu()
+        n += has.sum().cpu()
+    return _mean(total, n, "vision tokens")
+
 def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int] | None = None) -> np.ndarray:
     """ShortV layer contribution ``LC_l = E_x KL(P_full(. | x) || P_l(. | x))``, ``[len(layers)]``.
 
@@ -111,19 +126,12 @@ def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int]
     """
     bb = Backbone.of(model)
     layers = list(range(bb.n_layers)) if layers is None else [int(l) for l in layers]
-    total, n = torch.zeros(len(layers), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for inputs, layout in iter_batches(bb, batches):
-        if not layout.has_vision:
-            continue
-        has = (layout.n_vision > 0).double()
-        base = last_logprobs(bb, inputs, layout)
-        for i, target in enumerate(layers):
-            def freeze(l, x_in, x_out, kwargs, layout, target=target):
-                return torch.where(layout.vision[..., None], x_in, x_out) if l == target else None
+    def freeze(target):
+        def hook(l, x_in, x_out, kwargs, layout):
+            return torch.where(layout.vision[..., None], x_in, x_out) if l == target else None
+        return {"post": hook}
 
-            total[i] += (_kl(base, last_logprobs(bb, inputs, layout, post=freeze)) * has.to(base.device)).sum().cpu()
-        n += has.sum().cpu()
-    return _mean(total, n, "vision tokens")
+    return _kl_per_variant(bb, batches, [freeze(t) for t in layers])
 
 
 # ----------------------------------------------------------------------------------------- VTW
@@ -162,19 +170,12 @@ def vtw_kl(model: nn.Module, batches: Batches, ks: Sequence[int] | None = None) 
     """
     bb = Backbone.of(model)
     ks = list(range(bb.n_layers + 1)) if ks is None else [int(k) for k in ks]
-    total, n = torch.zeros(len(ks), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
-    for inputs, layout in iter_batches(bb, batches):
-        if not layout.has_vision:
-            continue
-        has = (layout.n_vision > 0).double()
-        base = last_logprobs(bb, inputs, layout)
-        for i, k in enumerate(ks):
-            def withdraw(l, x_in, kwargs, layout, k=k):
-                return _withdraw_vision(kwargs, layout) if l >= k else None
+    def withdraw(k):
+        def hook(l, x_in, kwargs, layout):
+            return _withdraw_vision(kwargs, layout) if l >= k else None
+        return {"pre": hook}
 
-            total[i] += (_kl(base, last_logprobs(bb, inputs, layout, pre=withdraw)) * has.to(base.device)).sum().cpu()
-        n += has.sum().cpu()
-    return _mean(total, n, "vision tokens")
+    return _kl_per_variant(bb, batches, [withdraw(k) for k in ks])
 
 
 # --------------------------------------------------------------------------------------- FastV

@@ -544,25 +544,10 @@ def normalize_answer(text: str) -> str:
     return text.strip(_STRIP).lower()
 
 
-def _wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    # fallback only: wilson() uses skipit_core.theory.wilson_interval (same formula) when importable
-    if n == 0:
-        return 0.0, 1.0
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(0.5 + confidence / 2)
-    p = k / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of ``k`` successes in ``n`` trials."""
-    try:
-        from .theory import wilson_interval  # type: ignore[attr-defined]
-    except ImportError:
-        return _wilson(k, n, confidence)
+    """Wilson score interval of ``k`` successes in ``n`` trials (:func:`skipit_core.theory.wilson_interval`)."""
+    from .theory import wilson_interval
+
     lo, hi = wilson_interval(k, n, confidence)[:2]
     return float(lo), float(hi)
 
