@@ -44,7 +44,6 @@ much of it is reachable without looking.
 from __future__ import annotations
 
 import json
-import math
 import os
 import string
 from collections.abc import Iterable, Iterator, Mapping, Sequence
