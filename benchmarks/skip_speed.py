@@ -18,7 +18,7 @@ drift on a shared machine hits both sides of a ratio alike. Rows:
   deep copy: nnsight replaces every module's ``forward`` when it wraps a model).
 
 Ideal speedup = analytic decoder FLOPs without / with the plan (:func:`skipit_core.bench.ideal_speedup`,
-causal attention). Run: ``.venv/bin/python benchmarks/skip_speed.py [--rounds 5] [--layers 16]``.
+causal attention). Run: ``.venv/bin/python benchmarks/skip_speed.py [--rounds 5] [--layers 16] [--batch 1] [--only REGEX]``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import argparse
 import copy
 import datetime
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -60,13 +61,17 @@ def build(n_layers: int) -> tf.LlavaForConditionalGeneration:
     return model
 
 
-def prompt() -> dict:
+def prompt(batch: int = 1) -> dict:
+    """``batch`` prompts of the same length (no padding), each one image and 48 text tokens."""
     gen = torch.Generator().manual_seed(0)
-    text = torch.randint(2, 32000, (TEXT_BEFORE - 1 + TEXT_AFTER,), generator=gen)
-    ids = torch.cat([torch.tensor([1]), text[:TEXT_BEFORE - 1], torch.full((N_VISION,), IMAGE_ID),
-                     text[TEXT_BEFORE - 1:]])[None]
+    ids = []
+    for _ in range(batch):
+        text = torch.randint(2, 32000, (TEXT_BEFORE - 1 + TEXT_AFTER,), generator=gen)
+        ids.append(torch.cat([torch.tensor([1]), text[:TEXT_BEFORE - 1], torch.full((N_VISION,), IMAGE_ID),
+                              text[TEXT_BEFORE - 1:]]))
+    ids = torch.stack(ids)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(1, 3, 336, 336, generator=gen)}
+            "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen)}
 
 
 @contextmanager
@@ -148,11 +153,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="prompts per prefill (same length, no padding)")
+    parser.add_argument("--only", default=None, help="regular expression: time only the rows it matches")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model, inputs = build(args.layers), prompt()
+    model, inputs = build(args.layers), prompt(args.batch)
     rows = configurations(model, inputs, args.layers)
+    if args.only:
+        rows = rows[:1] + [row for row in rows[1:] if re.search(args.only, row[0])]
     for _, _, _, run in rows:  # warm-up
         run()
     wall: dict[str, list[float]] = {name: [] for name, *_ in rows}
@@ -176,7 +185,7 @@ def main() -> None:
           f"transformers {tf.__version__}  threads={args.threads}  OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'default')}  "
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"# LLaVA-1.5 proportions: {args.layers} layers x 1024, {N_VISION} vision + "
-          f"{TEXT_BEFORE + TEXT_AFTER} text tokens; {args.rounds} rounds, each row paired with a baseline run "
+          f"{TEXT_BEFORE + TEXT_AFTER} text tokens, batch {args.batch}; {args.rounds} rounds, each row paired with a baseline run "
           "just before it; speedups are medians of the per-pair ratios; prefill = whole model")
     print("| configuration | kind | ideal (FLOPs) | CPU ms (median) | realized, CPU time | realized/ideal, CPU | "
           "wall ms (median, IQR) | realized, wall | realized/ideal, wall |")

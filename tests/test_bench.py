@@ -139,6 +139,33 @@ def test_timers_report_median_and_iqr(llava):
         bench.time_prefill(llava.model, inputs, repeats=0)
 
 
+def test_cuda_timer_brackets_each_call_with_synchronised_events(monkeypatch):
+    """No GPU here: fake CUDA events record the order of calls; each timed call must sit between a
+    device sync + start event and an end event + device sync, and its time is the events' elapsed time."""
+    log: list[str] = []
+
+    class Event:
+        count = 0
+
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+            Event.count += 1
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("record")
+
+        def elapsed_time(self, end):
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    samples = bench._clock(lambda: log.append("run"), torch.device("cuda"), warmup=2, repeats=3)
+    assert log == ["run", "run"] + ["sync", "record", "run", "record", "sync"] * 3
+    assert samples == [2.0, 2.0, 2.0] and Event.count == 6
+
+
 def test_decode_timer_steps_match_generate_for_mrope():
     """The decode step time_decode builds (positions as generate makes them) gives generate's token."""
     t = make("qwen2_vl", n_layers=2)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from skipit_core.errors import InputError, SkipitError
-from skipit_core.tasks import (ANSWERS, FAMILIES, DigitScenes, VQASet, build_prompts, encode, evaluate,
+from skipit_core.tasks import (ANSWERS, FAMILIES, TEMPLATES, DigitScenes, VQASet, build_prompts, encode, evaluate,
                                load_pope, normalize_answer, render_scene, wilson)
 from skipit_core import tasks
 
@@ -77,6 +77,20 @@ def test_answers_match_an_independent_oracle(small):
         assert 2 <= len(m["digits"]) <= 6 and len(set(m["digits"])) == len(m["digits"])
         assert [int(target[s]) for s in m["sources"]] == m["digits"]
         assert oracle(q, m["digits"], m["cells"]) == a, (q, m)
+
+
+def test_follow_up_questions_match_the_oracle(small):
+    rng = np.random.default_rng(11)
+    seen = {f: set() for f in FAMILIES}
+    for meta in small.meta[:120]:
+        for family in FAMILIES:
+            question, answer = DigitScenes.ask(meta, family, rng)
+            assert question.split()[:2] == TEMPLATES[family].split()[:2]
+            assert answer == oracle(question, meta["digits"], meta["cells"]), (question, meta)
+            seen[family].add(answer)
+    assert {"none"} < seen["cell"] and {"none"} < seen["left"] and seen["present"] == {"yes", "no"}
+    with pytest.raises(SkipitError, match="unknown question family"):
+        DigitScenes.ask(small.meta[0], "colour", rng)
 
 
 def test_pixels_show_the_digits_in_their_cells(small):

@@ -378,6 +378,44 @@ class DigitScenes:
                       [it["question"] for it in items], [it["answer"] for it in items],
                       [it["family"] for it in items], [it["meta"] for it in items], name)
 
+    # -------------------------------------------------------------- more questions about one scene
+    @staticmethod
+    def ask(meta: Mapping[str, Any], family: str, rng: np.random.Generator) -> tuple[str, str]:
+        """A random ``(question, answer)`` of ``family`` about the scene ``meta`` (its ``digits`` and
+        ``cells``), answered from the layout: the follow-up turns of a multi-turn training conversation.
+
+        Unlike :meth:`item`, the scene is given, so answers are not balanced; the draws lean towards
+        informative questions: half of the ``cell`` questions name an occupied cell, half of the
+        ``present`` questions a digit in the scene, and ``left`` / ``above`` questions name, when the
+        scene has one, a digit whose neighbour cell is occupied half of the time.
+        """
+        digits, cells = [int(d) for d in meta["digits"]], [int(c) for c in meta["cells"]]
+        grid = dict(zip(cells, digits))
+
+        def pick(options: Sequence[int]) -> int:
+            return int(options[int(rng.integers(len(options)))])
+
+        if family == "cell":
+            target = pick(cells) if rng.random() < 0.5 else int(rng.integers(GRID * GRID))
+            answer = str(grid[target]) if target in grid else "none"
+            return TEMPLATES["cell"].format(row=target // GRID + 1, col=target % GRID + 1), answer
+        if family == "count":
+            return TEMPLATES["count"], str(len(digits))
+        if family == "present":
+            absent = [d for d in range(10) if d not in grid.values()]
+            q = pick(digits) if rng.random() < 0.5 or not absent else pick(absent)
+            return TEMPLATES["present"].format(digit=q), "yes" if q in digits else "no"
+        if family in ("largest", "smallest"):
+            return TEMPLATES[family], str(max(digits) if family == "largest" else min(digits))
+        if family in ("left", "above"):
+            step, ok = (1, lambda c: c % GRID >= 1) if family == "left" else (GRID, lambda c: c >= GRID)
+            with_neighbour = [c for c in cells if ok(c) and c - step in grid]
+            anchor = pick(with_neighbour) if with_neighbour and rng.random() < 0.5 else pick(cells)
+            nb = anchor - step if ok(anchor) else None
+            answer = str(grid[nb]) if nb in grid else "none"
+            return TEMPLATES[family].format(digit=grid[anchor]), answer
+        raise InputError(f"unknown question family {family!r}; choose from {', '.join(FAMILIES)}.")
+
     # -------------------------------------------------------------- many items
     def generate(self, n_per_family: int, seed: int = 0, shuffle: bool = True) -> VQASet:
         """``n_per_family`` items of every family, answers exactly balanced (each answer of a family
@@ -630,11 +668,13 @@ def build_prompts(processor, questions: Sequence[str]) -> list[str]:
     return [f"USER: {token}\n{q} ASSISTANT:" for q in questions]
 
 
-def encode(processor, data: VQASet, start: int = 0, stop: int | None = None):
-    """Processor inputs (``return_tensors='pt'``, left padding) for items ``start:stop`` of ``data``."""
+def encode(processor, data: VQASet, start: int = 0, stop: int | None = None,
+           texts: Sequence[str] | None = None):
+    """Processor inputs (``return_tensors='pt'``, left padding) for items ``start:stop`` of ``data``:
+    their one-question prompts, or the given ``texts`` (one per item, e.g. whole conversations)."""
     stop = len(data) if stop is None else stop
     images = [data.image(i) for i in range(start, stop)]
-    prompts = build_prompts(processor, data.questions[start:stop])
+    prompts = build_prompts(processor, data.questions[start:stop]) if texts is None else list(texts)
     kwargs: dict[str, Any] = dict(images=images, text=prompts, return_tensors="pt", padding=True)
     tok = getattr(processor, "tokenizer", None)
     old = getattr(tok, "padding_side", None)

@@ -86,13 +86,18 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
                     f"`data/models/{name}` before the next run; to reproduce, give them `--out data/models/{name}`. "
                     if scratch else "")
     weights_note = ("Runs with `--family-weights` sample the families cell, count, present, largest, smallest, "
-                    "left, above with those weights (evaluation stays balanced): the `present` family has no "
-                    "first-order signal (neither the set of digits nor the queried digit alone says anything "
-                    "about the answer, only their combination), and it stayed at chance under uniform sampling "
-                    "until it was over-sampled."
+                    "left, above with those weights (evaluation stays balanced). The over-sampled families need "
+                    "the question and the image *combined* (a position or a digit named in the question, looked "
+                    "up in the image); neither alone says anything about the answer, and under uniform sampling "
+                    "they lag far behind the set-level families (count, largest, smallest)."
                     if any(c.get("family_weights") for c in chain) else "")
+    targets = vp.get("targets", "own, left, above digit")
+    threads = {c.get("threads") for c in chain}
+    threads_text = f"{threads.pop()} CPU thread(s)" if len(threads) == 1 else "CPU threads " + "/".join(map(str, threads))
     stages_text = " then ".join(
-        f"{c.get('steps')} steps of batch {c.get('batch_size')} at peak lr {c.get('lr')}" for c in chain).capitalize() + "."
+        f"{c.get('steps')} steps of batch {c.get('batch_size')}"
+        + (f" ({c['turns']}-turn conversations)" if c.get("turns", 1) > 1 else "")
+        + f" at peak lr {c.get('lr')}" for c in chain).capitalize() + "."
     card = f"""# {name}
 
 A small vision-language model trained from scratch (on a CPU) to answer DigitScenes questions
@@ -131,12 +136,12 @@ pool of source images; validation and test use disjoint pools (split by source i
 {commands}
 ```
 
-{stages_text} Seed {chain[0].get('seed') if chain else None}; loss = answer-token cross-entropy only;
+{stages_text} Seed {chain[0].get('seed') if chain else None}; loss = cross-entropy of the answer tokens only;
 AdamW, {chain[0].get('schedule') if chain else ''} (per run), gradient clipping {chain[0].get('clip') if chain else ''}, vision tower at
 {chain[0].get('vision_lr_mult') if chain else ''} x the learning rate. The first run starts with {vp.get('steps', 0)} steps of
-vision-tower pretraining (per vision token: the digit in its cell and in the cells left of and above it,
-the stand-in for starting from a pretrained CLIP; that head is discarded). Total wall time
-{total_wall / 60:.1f} min on 1 CPU thread of a shared 2-core machine, torch {tr.get('torch')},
+vision-tower pretraining (per vision token, for the grid cell it lies in: {targets}; the stand-in for
+starting from a pretrained CLIP; that head is discarded). Total wall time
+{total_wall / 60:.1f} min (vision pretraining included) on {threads_text} of a 2-core machine, torch {tr.get('torch')},
 transformers {tr.get('transformers')}. Full logs (validation accuracy during training) are in `training.json`.
 {scratch_note}{weights_note}
 
