@@ -136,11 +136,7 @@ def test_model_uses_the_image(name):
     assert len(above) >= 5, above
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param("digits-llava", marks=pytest.mark.xfail(
-        strict=True, reason="issue 5 target not reached yet: test accuracy 88.9% [86.6, 90.9] < 90% (model card)")),
-    "digits-qwen2vl",
-])
+@pytest.mark.parametrize("name", SHIPPED)
 def test_model_meets_the_issue_target(name):
     _, stored, _ = _stored(name)
     assert stored["accuracy"] >= 0.9
