@@ -46,7 +46,7 @@ from __future__ import annotations
 import json
 import os
 import string
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -246,6 +246,14 @@ def _blank_like(img):
     return Image.new(img.mode if img.mode in ("RGB", "L") else "RGB", img.size)
 
 
+def _neighbour(family: str) -> tuple[int, Callable[[int], bool]]:
+    """For ``left`` / ``above``: the cell-index step to the neighbour (``cell - step``) and whether a
+    cell has that neighbour on the grid (not in the first column / first row)."""
+    if family == "left":
+        return 1, lambda c: c % GRID >= 1
+    return GRID, lambda c: c >= GRID
+
+
 # ----------------------------------------------------------------------------- DigitScenes
 class DigitScenes:
     """Generator of digit-scene VQA items from one split of the real handwritten digits.
@@ -349,7 +357,7 @@ class DigitScenes:
             digits = [s] + others([], n - 1, among=range(s + 1, 10))
             cells = free_cells([], n)
         elif family in ("left", "above"):
-            step, ok = ((1, lambda c: c % GRID >= 1) if family == "left" else (GRID, lambda c: c // GRID >= 1))
+            step, ok = _neighbour(family)
             n = n_between(lo, hi)
             if answer == "none":
                 anchor = int(rng.integers(10))
@@ -408,7 +416,7 @@ class DigitScenes:
         if family in ("largest", "smallest"):
             return TEMPLATES[family], str(max(digits) if family == "largest" else min(digits))
         if family in ("left", "above"):
-            step, ok = (1, lambda c: c % GRID >= 1) if family == "left" else (GRID, lambda c: c >= GRID)
+            step, ok = _neighbour(family)
             with_neighbour = [c for c in cells if ok(c) and c - step in grid]
             anchor = pick(with_neighbour) if with_neighbour and rng.random() < 0.5 else pick(cells)
             nb = anchor - step if ok(anchor) else None
