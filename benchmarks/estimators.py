@@ -1,6 +1,7 @@
 """Time and value of skipit_core's estimators next to plain reference implementations.
 
-Run:  .venv/bin/python benchmarks/estimators.py
+Run:  .venv/bin/python benchmarks/estimators.py               (the table below)
+      .venv/bin/python benchmarks/estimators.py --crossover   (tree vs torch KSG over n and dimension)
 
 Each row measures, in the same run, the library estimator and a reference written for clarity
 inside this script (not imported from the library):
@@ -23,6 +24,7 @@ import datetime
 import math
 import os
 import platform
+import sys
 import time
 
 import numpy as np
@@ -131,9 +133,28 @@ def bench_ksg(rows: list) -> None:
     t_def, v_def = timed(lambda: mutual_information(x, y, "ksg"), 3)
     rows.append(("KSG MI default (copula, jitter)", f"n={n}, dx=dy={d}", t_def, v_def, "-", (math.nan,) * 2,
                  math.nan))
-    t_alt, v_alt = timed(lambda: mutual_information(x, y, "ksg", marginals="none", jitter=0.0, backend="torch"))
-    rows.append(("KSG MI (torch forced)", f"n={n}, dx=dy={d}", t_alt, v_alt, "brute-force NumPy loop",
+    other = "tree" if ksg_backend(n, 2 * d) == "torch" else "torch"
+    t_alt, v_alt = timed(lambda: mutual_information(x, y, "ksg", marginals="none", jitter=0.0, backend=other), 3)
+    rows.append((f"KSG MI ({other} forced)", f"n={n}, dx=dy={d}", t_alt, v_alt, "brute-force NumPy loop",
                  t_ref, v_ref))
+
+
+def ksg_crossover() -> None:
+    """Wall time of both KSG backends over n and joint dimension: the data behind ``ksg_backend``."""
+    rng = np.random.default_rng(3)
+    warm = rng.standard_normal((200, 2))
+    for b in ("tree", "torch"):  # imports and first-call set-up stay out of the table
+        mutual_information(warm[:, :1], warm[:, 1:], "ksg", backend=b)
+    print("| n | joint dim | tree s | torch s | faster | rule picks |")
+    print("|---|---|---|---|---|---|")
+    for joint in (4, 8, 10, 12, 16, 32):
+        for n in (1000, 3000, 10000, 20000):
+            x = rng.standard_normal((n, joint // 2))
+            y = 0.6 * x + 0.8 * rng.standard_normal(x.shape)
+            t = {b: timed(lambda: mutual_information(x, y, "ksg", marginals="none", jitter=0.0, backend=b))[0][0]
+                 for b in ("tree", "torch")}
+            print(f"| {n} | {joint} | {t['tree']:.3f} | {t['torch']:.3f} | {min(t, key=t.get)} "
+                  f"| {ksg_backend(n, joint)} |", flush=True)
 
 
 def bench_gaussian(rows: list) -> None:
@@ -161,6 +182,9 @@ def bench_broja(rows: list) -> None:
 
 def main() -> None:
     print(machine())
+    if "--crossover" in sys.argv:
+        ksg_crossover()
+        return
     rows: list = []
     bench_ksg(rows)
     bench_gaussian(rows)

@@ -123,7 +123,10 @@ def test_invariances_claimed_by_each_estimator():
     assert mutual_information(lin, y, "gaussian") == pytest.approx(mutual_information(x, y, "gaussian"), abs=1e-9)
 
 
-def test_ksg_backends_match_a_brute_force_reference():
+def test_ksg_backends_match_a_brute_force_reference(monkeypatch):
+    import skipit_core.information as info
+
+    monkeypatch.setattr(info, "_TORCH_BLOCK_ELEMS", 400 * 37)  # 37-row blocks: many, last one partial
     rng = np.random.default_rng(7)
     x, y, _ = gaussian_pair(400, 3, 0.5, rng)
     k, n = 4, 400
@@ -139,7 +142,11 @@ def test_ksg_backends_match_a_brute_force_reference():
     for backend in ("tree", "torch"):
         got = mutual_information(x, y, "ksg", k=k, jitter=0, marginals="none", backend=backend)
         assert got == pytest.approx(ref, abs=1e-12)
-    assert ksg_backend(5000, 32) == "torch" and ksg_backend(5000, 16) == "tree"
+    z = x[:, :1] + rng.standard_normal((n, 2))
+    for est in (lambda b: conditional_mutual_information(x, y, z, "ksg", k=k, jitter=0, backend=b),
+                lambda b: entropy(x, "ksg", k=k, jitter=0, backend=b)):
+        assert est("torch") == est("tree")
+    assert ksg_backend(5000, 16) == "torch" and ksg_backend(5000, 10) == "tree"
 
 
 def test_ksg_entropy_of_gaussian_and_uniform():
