@@ -15,13 +15,18 @@ drift on a shared machine hits both sides of a ratio alike. Rows:
 * ``mask early_exit(k)``: the common shortcut that attention-masks the vision keys away from layer k on
   instead of removing rows: it computes everything and saves nothing;
 * ``nnsight whole_layers(band)``: nnsight's ``module.skip(module.input)`` on the same layers (on a
-  deep copy: nnsight replaces every module's ``forward`` when it wraps a model).
+  deep copy: nnsight replaces every module's ``forward`` when it wraps a model);
+* ``by hand early_exit(k)`` / ``by hand late_entry(k)`` (batch 1 only): the deepest cuts written out as
+  a plain loop over the decoder layers on pre-sliced tensors, the least work the plan can do on this
+  hardware; checked at start-up to give skipit's result. Their time is decoder time only.
 
 Ideal speedup = analytic decoder FLOPs without / with the plan (:func:`skipit_core.bench.ideal_speedup`,
 causal attention). It counts the decoder (the language model without ``lm_head``) only, so the table gives
 two realized speedups: of the whole prefill (what a user waits for; the vision tower, projector and
 ``lm_head`` run unchanged under every plan) and of the decoder alone (the same scope as the ideal, timed
-between hooks on the language model; skipit's own bookkeeping falls inside it). Run: ``.venv/bin/python benchmarks/skip_speed.py [--rounds 5] [--layers 16] [--batch 1] [--only REGEX]``.
+between hooks on the language model; skipit's own bookkeeping falls inside it).
+
+Run: ``.venv/bin/python benchmarks/skip_speed.py [--rounds 5] [--layers 16] [--batch 1] [--only REGEX]``.
 """
 
 from __future__ import annotations

@@ -71,11 +71,11 @@ __all__ = [
 METHODS = ("discrete", "gaussian", "gcmi", "ksg")
 LN2 = math.log(2.0)
 
-# KSG backend rule (measured 2026-12-01 on a 2-core AMD EPYC, n = 1000-30000, joint dimension 2-32, see
+# KSG backend rule (measured 2026-12-01 on a 2-core AMD EPYC, n = 1000-20000, joint dimension 4-32, see
 # benchmarks/README.md): a Chebyshev KD-tree (scikit-learn, which counts neighbours within a radius
-# without listing them) wins up to a joint dimension of 8 at every n >= 3000 (n = 10000: 0.53 s vs
-# 0.76 s at dimension 8); the two tie at 10; from 12 on, blocked torch distances win at every n
-# (n = 5000, dimension 16: 0.3 s vs 0.8 s; n = 10000, dimension 32: 1.6 s vs 6.3 s).
+# without listing them) wins up to a joint dimension of 8 at every n >= 3000 (n = 10000: 0.81 s vs
+# 0.92 s at dimension 8); the two tie at 10; from 12 on, blocked torch distances win at every n
+# (n = 5000, dimension 16: 0.27 s vs 0.91 s; n = 10000, dimension 32: 1.9 s vs 8.2 s).
 KSG_TREE_MAX_DIM = 10
 _TORCH_BLOCK_ELEMS = 640_000  # rows per block = this // n: 5 MB per float64 distance buffer (fits L3)
 
