@@ -26,7 +26,8 @@ two realized speedups: of the whole prefill (what a user waits for; the vision t
 ``lm_head`` run unchanged under every plan) and of the decoder alone (the same scope as the ideal, timed
 between hooks on the language model; skipit's own bookkeeping falls inside it).
 
-Run: ``.venv/bin/python benchmarks/skip_speed.py [--rounds 5] [--layers 16] [--batch 1] [--only REGEX]``.
+Run: ``.venv/bin/python benchmarks/skip_speed.py [--rounds 5] [--layers 16] [--batch 1] [--only REGEX]``;
+``--layer-rows [--threads T]`` instead times one decoder layer alone on 48-624 rows against its FLOP share.
 """
 
 from __future__ import annotations
@@ -259,6 +260,33 @@ def configurations(model, inputs, n_layers: int) -> list[Row]:
     return rows
 
 
+def layer_rows(threads: int, rows: tuple[int, ...] = (48, 96, 192, 624), repeats: int = 15) -> None:
+    """One decoder layer of the benchmark model timed alone on M rows (median of ``repeats`` calls), next to
+    the time its FLOP share of the ``rows[-1]``-row call predicts; efficiency = predicted / measured."""
+    torch.set_num_threads(threads)
+    model = build(1)
+    bb = Backbone.of(model)
+    ms = {}
+    with torch.inference_mode():
+        for m in rows:
+            x, pos = torch.randn(1, m, bb.hidden_size), torch.arange(m)[None]
+            kwargs = {"attention_mask": None, "position_ids": pos, "position_embeddings": bb.text_model.rotary_emb(x, pos)}
+            for _ in range(2):
+                bb.layers[0](x, **kwargs)
+            samples = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                bb.layers[0](x, **kwargs)
+                samples.append((time.perf_counter() - t0) * 1e3)
+            ms[m] = statistics.median(samples)
+    full = bench.flops(model, 0, rows[-1]).total
+    print(f"| rows | threads | ms (median of {repeats}) | FLOP-predicted ms | efficiency |")
+    print("|---:|---:|---:|---:|---:|")
+    for m in rows:
+        predicted = ms[rows[-1]] * bench.flops(model, 0, m).total / full
+        print(f"| {m} | {threads} | {ms[m]:.1f} | {predicted:.1f} | {predicted / ms[m]:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=16)
@@ -266,7 +294,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--batch", type=int, default=1, help="prompts per prefill (same length, no padding)")
     parser.add_argument("--only", default=None, help="regular expression: time only the rows it matches")
+    parser.add_argument("--layer-rows", action="store_true",
+                        help="instead: time one decoder layer alone on 48-624 rows against its FLOP share")
     args = parser.parse_args()
+    if args.layer_rows:
+        layer_rows(args.threads)
+        return
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model, inputs = build(args.layers), prompt(args.batch)
