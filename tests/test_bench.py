@@ -177,3 +177,20 @@ def test_decode_timer_steps_match_generate_for_mrope():
         step = bench._decode_inputs(t.model, inputs, out)
         second = t.model(**step).logits[:, -1]
     torch.testing.assert_close(second, gen.logits[1], atol=1e-5, rtol=0)
+
+
+def test_skip_speed_script_runs_and_its_by_hand_reference_matches_skipit():
+    """The benchmark script end to end at 4 layers, one round. At start-up it checks that its hand-written
+    least-work loops for early_exit(1) and late_entry(3) give skipit's final states (it raises otherwise)."""
+    import pathlib
+    import subprocess
+    import sys
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "skip_speed.py"
+    out = subprocess.run([sys.executable, str(script), "--layers", "4", "--rounds", "1", "--threads", "1",
+                          "--only", r"^early_exit\(1\)|by hand"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    table = [line for line in out.stdout.splitlines() if line.startswith("| ")]
+    assert [line.split(" | ")[0][2:] for line in table[1:]] == [
+        "baseline", "early_exit(1)", "by hand early_exit(1)", "by hand late_entry(3)"]
+    assert all(line.count("|") == 10 for line in table)
