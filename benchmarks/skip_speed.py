@@ -47,7 +47,6 @@ from dataclasses import dataclass
 
 import torch
 import transformers as tf
-from torch import nn
 
 from skipit_core import bench
 from skipit_core.models import Backbone
@@ -105,7 +104,7 @@ def masked_early_exit(model: torch.nn.Module, k: int, vision: torch.Tensor):
             handle.remove()
 
 
-def nnsight_runner(model: torch.nn.Module, inputs: dict, band: range) -> tuple[Callable[[], None], nn.Module] | None:
+def nnsight_runner(model: torch.nn.Module, inputs: dict, band: range) -> tuple[Callable[[], None], torch.nn.Module] | None:
     """A prefill skipping ``band`` with nnsight on a deep copy (and the copy), or None without nnsight."""
     try:
         from nnsight import NNsight
