@@ -10,7 +10,7 @@ import torch
 
 from skipit_core.capture import profile
 from skipit_core.errors import InputError
-from skipit_core.measures import (angular_distance, block_influence, fastv_scores, layer_contribution,
+from skipit_core.measures import (angular_distance, attention_removal, block_influence, fastv_scores, layer_contribution,
                                   vtw_kl)
 from skipit_core.models import Backbone, TokenKind
 from tiny_vlms import BUILDERS, layer_io, make
@@ -159,3 +159,45 @@ def test_measures_need_images():
         vtw_kl(tiny.model, no_image)
     with pytest.raises(InputError, match="no batch"):
         angular_distance(tiny.model, [])
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl", "gemma3"])
+def test_attention_removal_matches_the_attention_module_with_vision_keys_masked(name):
+    """The exact change T5 bounds, recomputed independently: the layer's own attention module called
+    twice on its captured input, with the causal mask and with the vision keys masked out as well."""
+    layer = 1
+    tiny = make(name, attn="eager")
+    inputs = tiny.inputs(prompts=[(2, 3)], seed=13)
+    got = attention_removal(tiny.model, [inputs], layer)
+    bb = Backbone.of(tiny.model)
+    attn = bb.attention(layer)
+    seen = {}
+    handle = attn.register_forward_pre_hook(lambda module, args, kwargs: seen.update(kwargs), with_kwargs=True)
+    with torch.no_grad():
+        tiny.model(**inputs, use_cache=False)
+    handle.remove()
+    n = seen["hidden_states"].shape[1]
+    vision = bb.vision_mask(inputs["input_ids"])[0]
+    hf_mask = seen["attention_mask"]  # what the layer got: causal, and Gemma 3's sliding window
+    causal = hf_mask[0, 0] if hf_mask.dtype == torch.bool else hf_mask[0, 0] == 0
+
+    def attend(allowed: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros(n, n).masked_fill(~allowed, torch.finfo(torch.float32).min)[None, None]
+        with torch.no_grad():
+            return attn(**dict(seen, attention_mask=mask, past_key_values=None))[0][0]
+
+    full, text_only = attend(causal), attend(causal & ~vision[None, :] | torch.eye(n, dtype=torch.bool))
+    queries = [t for t in range(n) if not vision[t] and vision[:t].any()]
+    expected = (full - text_only)[queries].norm(dim=-1).double().numpy()
+    assert got.n == len(queries) == 3  # the three text tokens after the image; those before see no vision key
+    assert np.allclose(got.change, expected, rtol=1e-4, atol=1e-6)
+    assert np.allclose(got.output_norm, full[queries].norm(dim=-1).double().numpy(), rtol=1e-4, atol=1e-6)
+    assert np.all(got.change <= got.bound) and np.all((got.tau > 0) & (got.tau <= 1))
+
+
+def test_attention_removal_bad_input():
+    tiny = make("llava")
+    with pytest.raises(InputError, match="layer"):
+        attention_removal(tiny.model, [tiny.inputs(prompts=[(2, 3)])], layer=4)
+    with pytest.raises(InputError, match="no text query sees a vision key"):
+        attention_removal(tiny.model, [tiny.inputs(prompts=[(3, 0)])], layer=0)  # nothing after the image

@@ -36,7 +36,7 @@ from .errors import InputError, UnsupportedModelError
 from .models import Backbone, TokenKind, allowed_keys
 
 __all__ = ["block_influence", "angular_distance", "layer_contribution", "vtw_kl", "fastv_scores",
-           "FastVScores"]
+           "FastVScores", "AttentionRemoval", "attention_removal"]
 
 Batches = Iterable[Mapping[str, Any]] | Mapping[str, Any]
 
@@ -242,3 +242,77 @@ def fastv_scores(model: nn.Module, batches: Batches, layer: int, query: str = "a
             scores.append(s[b, pos])
             positions.append(pos)
     return FastVScores(layer, query, scores, positions)
+
+
+@dataclass(frozen=True)
+class AttentionRemoval:
+    """T5 measured on a real layer, one entry per (sample, text query that sees a vision key).
+
+    ``tau``: the query's attention mass on vision keys, averaged over heads; ``change``: the exact
+    norm of the change of the layer's attention output (after ``W_O``) when the vision keys are
+    removed and each head's softmax is renormalised over the text keys; ``bound``: the T5 bound on it
+    (:func:`skipit_core.theory.layer_attention_removal_bound`, ``form`` as given); ``output_norm``: the
+    norm of the attention output itself, the scale to read ``change`` against.
+    """
+
+    layer: int
+    form: str
+    tau: np.ndarray
+    change: np.ndarray
+    bound: np.ndarray
+    output_norm: np.ndarray
+
+    @property
+    def n(self) -> int:
+        return len(self.change)
+
+
+def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str = "per_head") -> AttentionRemoval:
+    """T5 on real attention: how much removing the vision keys changes each text query's attention
+    output in decoder ``layer``, next to the bound the theorem gives from the same attention rows.
+
+    Attention rows are recomputed from the layer's queries and keys (:func:`attention_probs`), values
+    from its ``v_proj`` (key-value heads repeated to the query heads), ``W_O`` is its ``o_proj``
+    weight. Text queries whose causal mask hides every vision key (``tau = 0``, e.g. a question placed
+    before the image) are left out: their change is 0 and so is their bound. Memory per sample is
+    ``T x H x N x head_dim`` floats. The forward stops after ``layer``.
+    """
+    from . import theory
+
+    bb = Backbone.of(model)
+    if not 0 <= layer < bb.n_layers:
+        raise InputError(f"layer must be in [0, {bb.n_layers - 1}]; got {layer}.")
+    w_o = bb.attention(layer).o_proj.weight.detach().double().cpu().numpy()
+    taus, changes, bounds, norms = [], [], [], []
+    for inputs, layout in iter_batches(bb, batches):
+        got: dict[str, torch.Tensor] = {}
+
+        def post(l, x_in, x_out, kwargs, layout, got=got):
+            if l != layer:
+                return None
+            got["probs"] = attention_probs(bb, l, x_in, kwargs, layout.text_idx)[0]  # [B, H, T, N]
+            v = bb.attention(l).v_proj(bb.layers[l].input_layernorm(x_in))
+            v = v.view(*x_in.shape[:2], -1, bb.head_dim).transpose(1, 2)  # [B, H_kv, N, hd]
+            got["values"] = v.repeat_interleave(got["probs"].shape[1] // v.shape[1], dim=1)
+            return None
+
+        run_forward(bb, inputs, layout, post=post, stop_after=layer)
+        probs, values = got["probs"].double().cpu().numpy(), got["values"].double().cpu().numpy()
+        vision, valid = layout.vision.cpu().numpy(), layout.text_valid.cpu().numpy()
+        for b in range(layout.batch):
+            rows = probs[b].transpose(1, 0, 2)[valid[b]]  # [T_b, H, N]
+            rows = rows / rows.sum(-1, keepdims=True)  # float32 softmax rows, renormalised in float64
+            tau = (rows * vision[b]).sum(-1).mean(-1)
+            rows = rows[tau > 0]
+            if not len(rows):
+                continue
+            v = np.broadcast_to(values[b], (len(rows), *values[b].shape))
+            taus.append(tau[tau > 0])
+            changes.append(np.atleast_1d(theory.layer_attention_removal_change(rows, v, vision[b], w_o)))
+            bounds.append(np.atleast_1d(theory.layer_attention_removal_bound(rows, v, vision[b], w_o, form).value))
+            heads = np.einsum("thn,hnd->thd", rows, values[b]).reshape(len(rows), -1)
+            norms.append(np.linalg.norm(heads @ w_o.T, axis=-1))
+    if not changes:
+        raise InputError(f"no text query sees a vision key in layer {layer}: pass inputs with images and text "
+                         "after them.")
+    return AttentionRemoval(layer, form, *(np.concatenate(x) for x in (taus, changes, bounds, norms)))
