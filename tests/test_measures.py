@@ -201,3 +201,13 @@ def test_attention_removal_bad_input():
         attention_removal(tiny.model, [tiny.inputs(prompts=[(2, 3)])], layer=4)
     with pytest.raises(InputError, match="no text query sees a vision key"):
         attention_removal(tiny.model, [tiny.inputs(prompts=[(3, 0)])], layer=0)  # nothing after the image
+
+
+def test_attention_removal_ignores_padding():
+    """Left and right padding of the same batch (the second prompt is 4 tokens shorter) agree."""
+    tiny = make("llava")
+    left, right = (attention_removal(tiny.model, [tiny.inputs(prompts=[(2, 3), (0, 1)], seed=14, pad_left=pad)], 2)
+                   for pad in (True, False))
+    assert left.n == right.n == 4
+    for field in ("tau", "change", "bound", "output_norm"):
+        assert np.allclose(getattr(left, field), getattr(right, field), rtol=1e-5, atol=1e-7), field

@@ -29,6 +29,7 @@ from skipit_core.theory import (
     geometric_gap_bound_expected,
     hoeffding_upper,
     layer_attention_removal_bound,
+    output_projection_norms,
     layer_attention_removal_change,
     lipschitz_estimate,
     proximal_gap_bound,
@@ -274,6 +275,13 @@ def test_t5_layer_form():
     assert b.constants["W_O_spectral_norm"] == pytest.approx(np.linalg.norm(w_o, 2))
     cached = layer_attention_removal_bound(attn, values, mask, w_o, w_o_norm=b.constants["W_O_spectral_norm"])
     assert np.allclose(cached.value, b.value)
+    spec, heads = output_projection_norms(w_o, n_heads)
+    assert spec == pytest.approx(np.linalg.norm(w_o, 2))
+    assert np.allclose(heads, [np.linalg.norm(w_o[:, h * dh:(h + 1) * dh], 2) for h in range(n_heads)])
+    given = layer_attention_removal_bound(attn, values, mask, w_o, form="per_head", head_norms=heads).value
+    assert np.allclose(given, per_head)
+    with pytest.raises(InputError, match="head_norms"):
+        layer_attention_removal_bound(attn, values, mask, w_o, head_norms=heads[:2])
     # a single head with W_O = identity reduces to the head-level change
     one = layer_attention_removal_change(attn[:, :1], values[:, :1], mask, np.eye(dh))
     assert np.allclose(one, attention_removal_change(attn[:, 0], values[:, 0], mask))

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import theory
 from .capture import BatchLayout, LayerProfile, attention_probs, iter_batches, last_logprobs, run_forward
 from .errors import InputError, UnsupportedModelError
 from .models import Backbone, TokenKind, allowed_keys
@@ -273,16 +274,16 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
 
     Attention rows are recomputed from the layer's queries and keys (:func:`attention_probs`), values
     from its ``v_proj`` (key-value heads repeated to the query heads), ``W_O`` is its ``o_proj``
-    weight. Text queries whose causal mask hides every vision key (``tau = 0``, e.g. a question placed
-    before the image) are left out: their change is 0 and so is their bound. Memory per sample is
-    ``T x H x N x head_dim`` floats. The forward stops after ``layer``.
+    weight. Keys are each sample's own positions (padding left out). Text queries whose causal mask
+    hides every vision key (``tau = 0``, e.g. a question placed before the image) are left out: their
+    change is 0 and so is their bound. Memory per sample is ``T x H x N x head_dim`` floats; the norms
+    of ``W_O`` are computed once. The forward stops after ``layer``.
     """
-    from . import theory
-
     bb = Backbone.of(model)
     if not 0 <= layer < bb.n_layers:
         raise InputError(f"layer must be in [0, {bb.n_layers - 1}]; got {layer}.")
     w_o = bb.attention(layer).o_proj.weight.detach().double().cpu().numpy()
+    w_o_norm, head_norms = theory.output_projection_norms(w_o, w_o.shape[1] // bb.head_dim)
     taus, changes, bounds, norms = [], [], [], []
     for inputs, layout in iter_batches(bb, batches):
         got: dict[str, torch.Tensor] = {}
@@ -299,18 +300,21 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
         run_forward(bb, inputs, layout, post=post, stop_after=layer)
         probs, values = got["probs"].double().cpu().numpy(), got["values"].double().cpu().numpy()
         vision, valid = layout.vision.cpu().numpy(), layout.text_valid.cpu().numpy()
+        real = (layout.kinds != TokenKind.PAD).cpu().numpy()
         for b in range(layout.batch):
-            rows = probs[b].transpose(1, 0, 2)[valid[b]]  # [T_b, H, N]
+            rows = probs[b].transpose(1, 0, 2)[valid[b]][..., real[b]]  # [T_b, H, N_b]: real keys only
             rows = rows / rows.sum(-1, keepdims=True)  # float32 softmax rows, renormalised in float64
-            tau = (rows * vision[b]).sum(-1).mean(-1)
+            keys, vals = vision[b][real[b]], values[b][:, real[b]]
+            tau = (rows * keys).sum(-1).mean(-1)
             rows = rows[tau > 0]
             if not len(rows):
                 continue
-            v = np.broadcast_to(values[b], (len(rows), *values[b].shape))
+            v = np.broadcast_to(vals, (len(rows), *vals.shape))
             taus.append(tau[tau > 0])
-            changes.append(np.atleast_1d(theory.layer_attention_removal_change(rows, v, vision[b], w_o)))
-            bounds.append(np.atleast_1d(theory.layer_attention_removal_bound(rows, v, vision[b], w_o, form).value))
-            heads = np.einsum("thn,hnd->thd", rows, values[b]).reshape(len(rows), -1)
+            changes.append(np.atleast_1d(theory.layer_attention_removal_change(rows, v, keys, w_o)))
+            bounds.append(np.atleast_1d(theory.layer_attention_removal_bound(
+                rows, v, keys, w_o, form, w_o_norm=w_o_norm, head_norms=head_norms).value))
+            heads = np.einsum("thn,hnd->thd", rows, vals).reshape(len(rows), -1)
             norms.append(np.linalg.norm(heads @ w_o.T, axis=-1))
     if not changes:
         raise InputError(f"no text query sees a vision key in layer {layer}: pass inputs with images and text "

@@ -40,6 +40,7 @@ __all__ = [
     "attention_removal_change",
     "layer_attention_removal_bound",
     "layer_attention_removal_change",
+    "output_projection_norms",
     "LipschitzEstimate",
     "lipschitz_estimate",
     "hoeffding_upper",
@@ -366,8 +367,19 @@ def _spectral_norm(w: np.ndarray) -> float:
     return float(torch.linalg.svdvals(torch.from_numpy(np.ascontiguousarray(w, dtype=np.float64)))[0])
 
 
+def output_projection_norms(w_o, n_heads: int) -> tuple[float, np.ndarray]:
+    """``(|W_O|_2, [|W_O^(h)|_2 for each head])`` of an output projection weight ``(d_model, H d_head)``:
+    the constants :func:`layer_attention_removal_bound` needs, to compute once per layer."""
+    w = check_finite(as_numpy(w_o, "w_o"), "w_o")
+    if w.ndim != 2 or w.shape[1] % n_heads:
+        raise InputError(f"w_o must be (d_model, n_heads * d_head) with n_heads = {n_heads}; got {w.shape}.")
+    d_head = w.shape[1] // n_heads
+    heads = np.array([_spectral_norm(w[:, h * d_head:(h + 1) * d_head]) for h in range(n_heads)])
+    return _spectral_norm(w), heads
+
+
 def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o, form: str = "spectral",
-                                  w_o_norm: float | None = None) -> Bound:
+                                  w_o_norm: float | None = None, head_norms=None) -> Bound:
     """T5 for a layer: ``|W_O (o - o')| <= |W_O|_2 sum_h tau_{t,h} (max_V |v_j^h| + max_T |v_j^h|)``.
 
     ``attn_rows`` (..., H, n_keys), ``values`` (..., H, n_keys, d_head), ``w_o`` (d_model, H d_head),
@@ -375,7 +387,8 @@ def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o, form: str
     ``|c|_2 <= sum_h |c_h|`` for the concatenation ``c`` of the heads' changes (``form="spectral"``,
     THEORY.md). ``form="per_head"`` gives the tighter ``sum_h |W_O^(h)|_2 b_h`` (``W_O^(h)`` the
     head's column block), which is also much cheaper for a large ``d_model``: the full spectral norm
-    of a 4096 x 4096 matrix takes seconds, so pass ``w_o_norm`` if you have it cached.
+    of a 4096 x 4096 matrix takes seconds, so pass ``w_o_norm`` (and ``head_norms``, the ``H`` values
+    ``|W_O^(h)|_2``) when you call this repeatedly with the same ``w_o``.
     """
     if form not in ("spectral", "per_head"):
         raise InputError(f"form must be 'spectral' or 'per_head'; got {form!r}.")
@@ -383,7 +396,10 @@ def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o, form: str
     n_heads, d_head = v.shape[-3], v.shape[-1]
     w = _w_o(w_o, n_heads, d_head)
     heads = np.asarray(attention_removal_bound(a, v, mask).value)
-    per_head_norms = np.array([_spectral_norm(w[:, h * d_head:(h + 1) * d_head]) for h in range(n_heads)])
+    per_head_norms = (np.array([_spectral_norm(w[:, h * d_head:(h + 1) * d_head]) for h in range(n_heads)])
+                      if head_norms is None else np.asarray(head_norms, dtype=float))
+    if per_head_norms.shape != (n_heads,):
+        raise InputError(f"head_norms must hold one norm per head ({n_heads}); got shape {per_head_norms.shape}.")
     consts = {"head_bounds": heads, "per_head_norms": per_head_norms, "form": form}
     if form == "spectral":
         spec = _nonneg(w_o_norm, "w_o_norm") if w_o_norm is not None else _spectral_norm(w)
