@@ -194,3 +194,25 @@ def test_skip_speed_script_runs_and_its_by_hand_reference_matches_skipit():
     assert [line.split(" | ")[0][2:] for line in table[1:]] == [
         "baseline", "early_exit(1)", "by hand early_exit(1)", "by hand late_entry(3)"]
     assert all(line.count("|") == 10 for line in table)
+
+
+def test_prompt_tokens_leave_padding_out():
+    tiny = make("llava")
+    for prompts, n_text in ((((2, 3), (0, 1)), 6), (((0, 1), (2, 3)), 2)):  # BOS + text before + text after
+        inputs = tiny.inputs(prompts=prompts, seed=15)
+        assert bench.prompt_tokens(tiny.model, inputs) == (tiny.image_tokens, n_text)
+
+
+def test_cli_bench_prints_realized_and_ideal(capsys):
+    from skipit_core import cli
+    from skipit_core.tasks import DigitScenes, batches
+    from skipit_core.zoo import load_vlm
+
+    cli.main(["bench", "--model", "digits-llava", "--n", "8", "--batch-size", "8", "--repeats", "1",
+              "--plan", "early_exit(6)"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].strip().startswith("no skipping:") and lines[1].strip().startswith("early_exit(6):")
+    model, processor = load_vlm("digits-llava")
+    inputs = next(batches(processor, DigitScenes.test_set()[:8], 8))
+    ideal = bench.ideal_speedup(model, *bench.prompt_tokens(model, inputs), SkipPlan.early_exit(6))
+    assert f"(ideal {ideal:.2f}x, ratio " in lines[1]

@@ -329,3 +329,20 @@ def test_evaluate_applies_a_skip_plan(tiny_llava, small):
     pred = [normalize_answer(processor.tokenizer.decode([i])) for i in skipped.argmax(-1).tolist()]
     assert r.predictions == pred  # ...and evaluate scores under it
     assert torch.equal(tasks.next_token_logits(model, encode(processor, data)), logits)  # restored
+
+
+def test_kept_window_reads_both_sweeps():
+    from types import SimpleNamespace
+
+    from skipit_core.tasks import kept_window
+
+    def sweep(inside: list[bool]) -> dict:
+        return {k: SimpleNamespace(ci_low=0.8 if ok else 0.1, ci_high=0.95 if ok else 0.3) for k, ok in enumerate(inside)}
+
+    # Early Exit keeps accuracy from k = 3 on except a lone miss at 1; Late Entry up to k = 2 (4 misses)
+    exits = sweep([False, True, False, True, True, True])
+    entries = sweep([True, True, True, False, True, False])
+    assert kept_window(exits, entries, reference=0.9) == (2, 3)
+    assert kept_window(exits, sweep([True] * 6), reference=0.9) == (5, 5)  # b is raised to a
+    with pytest.raises(InputError, match="no-op"):
+        kept_window(sweep([False] * 3), entries, reference=0.9)

@@ -28,8 +28,8 @@ from .errors import InputError
 from .models import Backbone
 from .skip import LayerMode, SkipPlan, Work, skipping
 
-__all__ = ["flops", "ideal_speedup", "FlopReport", "LayerFlops", "Shapes", "time_prefill", "time_decode",
-           "Timing"]
+__all__ = ["flops", "ideal_speedup", "prompt_tokens", "FlopReport", "LayerFlops", "Shapes", "time_prefill",
+           "time_decode", "Timing"]
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -206,6 +206,15 @@ def _decode_layer(s: Shapes, layer: int, mode: LayerMode, n_v: int, n_t: int, ca
 def ideal_speedup(model: Any, n_vision: int, n_text: int, plan: SkipPlan, **kwargs: Any) -> float:
     """``flops(no plan) / flops(plan)``: the speedup if time were proportional to decoder FLOPs."""
     return flops(model, n_vision, n_text, None, **kwargs).total / flops(model, n_vision, n_text, plan, **kwargs).total
+
+
+def prompt_tokens(model: Any, inputs: Mapping[str, Any]) -> tuple[int, int]:
+    """``(n_vision, n_text)`` of the first prompt of a batch, the sizes :func:`flops` takes: image tokens,
+    and the other positions its attention mask marks as real (padding left out)."""
+    n_vision = int(Backbone.of(model).vision_mask(inputs["input_ids"])[0].sum())
+    mask = inputs.get("attention_mask")
+    n_real = int(mask[0].sum()) if mask is not None else inputs["input_ids"].shape[1]
+    return n_vision, n_real - n_vision
 
 
 # ----------------------------------------------------------------------------------------- timing

@@ -92,16 +92,13 @@ def cmd_evaluate(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .bench import ideal_speedup, time_prefill
-    from .models import Backbone
+    from .bench import ideal_speedup, prompt_tokens, time_prefill
     from .tasks import batches
     from .zoo import load_vlm
 
     model, processor = load_vlm(args.model)
     inputs = next(batches(processor, _data(args, processor), args.batch_size))
-    vision = Backbone.of(model).vision_mask(inputs["input_ids"])
-    n_vision = int(vision[0].sum())
-    n_text = int(inputs["attention_mask"][0].sum()) - n_vision
+    n_vision, n_text = prompt_tokens(model, inputs)
     base = time_prefill(model, inputs, None, repeats=args.repeats)
     print(f"{'no skipping':>32}: {base}")
     for text in args.plan or []:

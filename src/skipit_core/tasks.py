@@ -65,6 +65,7 @@ __all__ = [
     "VQASet",
     "EvalResult",
     "evaluate",
+    "kept_window",
     "build_prompts",
     "normalize_answer",
     "load_pope",
@@ -782,6 +783,27 @@ def evaluate(model, processor, data: VQASet, plan=None, *, batch_size: int = 32,
         result.blank = evaluate(model, processor, data.blank(), plan, batch_size=batch_size,
                                 confidence=confidence, progress=progress)
     return result
+
+
+def kept_window(early_exit: Mapping[int, Any], late_entry: Mapping[int, Any], reference: float) -> tuple[int, int]:
+    """The widest window ``[a, b)`` of layers to keep the vision tokens in, read off two accuracy sweeps.
+
+    ``early_exit[k]`` / ``late_entry[k]``: results (anything with ``ci_low`` and ``ci_high``, e.g. an
+    :class:`EvalResult`) of ``SkipPlan.early_exit(k)`` / ``SkipPlan.late_entry(k)``. ``b`` is the smallest
+    swept ``k`` such that the interval of every Early Exit at ``k`` or later contains ``reference`` (the
+    unskipped accuracy); ``a`` the largest swept ``k`` such that every Late Entry at ``k`` or earlier does;
+    ``b`` is raised to ``a`` if it is smaller. A description of one sample, not a test: the intervals of
+    neighbouring ``k`` share their questions.
+    """
+    def contains(result) -> bool:
+        return result.ci_low <= reference <= result.ci_high
+
+    exits = [k for k in sorted(early_exit) if all(contains(early_exit[j]) for j in early_exit if j >= k)]
+    entries = [k for k in sorted(late_entry) if all(contains(late_entry[j]) for j in late_entry if j <= k)]
+    if not exits or not entries:
+        raise InputError("no swept plan keeps the reference accuracy inside its interval; include the no-op "
+                         "plans early_exit(n_layers) and late_entry(0) in the sweeps.")
+    return entries[-1], max(exits[0], entries[-1])
 
 
 def _main(argv: Sequence[str] | None = None) -> None:
