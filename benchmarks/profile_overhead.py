@@ -34,7 +34,8 @@ import time
 import torch
 import transformers as tf
 
-from skipit_core.capture import BatchLayout, _Accumulator, profile, run_forward
+from skipit_core.capture import _Accumulator, profile
+from skipit_core.forward import BatchLayout, run_forward
 from skipit_core.models import Backbone, TokenKind
 
 IMAGE_ID, BATCH, TEXT_TOKENS = 31999, 16, 32

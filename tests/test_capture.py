@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -13,6 +14,8 @@ from skipit_core.capture import LayerProfile, profile
 from skipit_core.errors import InputError, NumericalError, SkipitError, UnsupportedModelError
 from skipit_core.models import Backbone, TokenKind
 from tiny_vlms import BUILDERS, PAD_ID, layer_io, make
+
+FIXTURES = Path(__file__).parent / "fixtures"
 
 NAMES = list(BUILDERS)
 KIND = {"text": [TokenKind.TEXT], "vision": [TokenKind.VISION], "sink": [TokenKind.SINK],
@@ -98,22 +101,29 @@ def test_vision_attention_matches_eager_attentions(case):
         att = eager(**batch, output_attentions=True).attentions
     kinds = Backbone.of(eager).token_kinds(batch["input_ids"], batch["attention_mask"])
     vision, text = kinds == TokenKind.VISION, kinds == TokenKind.TEXT
-    ref = {"mean": [], "last": [], "uniform": []}
+    variants = ("mean", "last", "uniform", "mean_all", "uniform_all")
+    ref = {k: [] for k in variants}
     for a in att:  # [B, H, N, N]
         mass = (a.double() * vision[:, None, None, :]).sum(-1).mean(1)  # [B, N]
         allowed = (a[:, 0] > 0) | (a.sum(1) > 0)  # keys the query may attend (probabilities > 0)
         uni = (allowed & vision[:, None]).sum(-1) / allowed.sum(-1).clamp_min(1)
-        per = {"mean": [], "last": [], "uniform": []}
+        sees = (allowed & vision[:, None]).any(-1)  # [B, N]: the query may attend some vision key
+        per = {k: [] for k in variants}
         for b in range(a.shape[0]):
             t = text[b].nonzero()[:, 0]
-            per["mean"].append(mass[b, t].mean().item())
+            s = t[sees[b, t]]
+            per["mean"].append(mass[b, s].mean().item())
+            per["uniform"].append(uni[b, s].double().mean().item())
             per["last"].append(mass[b, t[-1]].item())
-            per["uniform"].append(uni[b, t].double().mean().item())
+            per["mean_all"].append(mass[b, t].mean().item())
+            per["uniform_all"].append(uni[b, t].double().mean().item())
         for k in ref:
             ref[k].append(np.mean(per[k]))
     for k in ref:
         assert np.allclose(prof.vision_attention(k), ref[k], atol=1e-4, rtol=0), k
     assert np.allclose(prof.vision_attention("ratio"), np.array(ref["mean"]) / np.array(ref["uniform"]), atol=1e-3)
+    assert np.allclose(prof.vision_attention("ratio_all"), np.array(ref["mean_all"]) / np.array(ref["uniform_all"]),
+                       atol=1e-3)
 
 
 def test_pooled_states_match_reference(case):
@@ -161,10 +171,12 @@ def test_merge_of_shards_equals_one_pass_exactly_on_counts():
     b3 = tiny.inputs(prompts=[(3, 1), (2, 2)], images=[True, False], seed=3)
     one = profile(tiny.model, [b1, b2, b3], keep=4)
     merged = profile(tiny.model, [b1], keep=4).merge(profile(tiny.model, iter([b2, b3]), keep=4))
-    for key in ("hist", "gt", "samp_n", "var_n", "n_samples", "dmin", "dmax"):
-        assert np.array_equal(one.arrays[key], merged.arrays[key]), key
-    for key in ("tok", "samp", "var"):
-        assert np.allclose(one.arrays[key], merged.arrays[key], rtol=1e-12, atol=1e-12), key
+    assert set(one.arrays) == set(merged.arrays)
+    for key, value in one.arrays.items():  # counters and extremes exactly, float sums to rounding
+        if value.dtype.kind == "i" or key in ("min_d", "max_d"):
+            assert np.array_equal(value, merged.arrays[key]), key
+        else:
+            assert np.allclose(value, merged.arrays[key], rtol=1e-12, atol=1e-12), key
     assert merged.pooled["text_in"].shape[0] == 4
     assert np.array_equal(one.pooled["text_in"], merged.pooled["text_in"])
     assert one.sample_count("vision") == 4 and one.sample_count("text") == 5
@@ -292,3 +304,36 @@ def test_right_padding_equals_left_padding(name):
     left = profile(tiny.model, [tiny.inputs(pad_left=True, **kw)], keep=3)
     right = profile(tiny.model, [tiny.inputs(pad_left=False, **kw)], keep=3)
     assert_profiles_close(left, right, atol=1e-5)
+
+
+def test_profile_saved_by_skipit_0_1_0_loads_with_named_statistics():
+    """tests/fixtures/profile_format1_llava.npz was written by the positional-array code of commit c73830e
+    for this very tiny model and batch: every statistic it holds must read the same as a fresh profile."""
+    tiny = make("llava")
+    fresh = profile(tiny.model, [tiny.inputs(prompts=[(2, 3), (1, 4)], seed=1)], keep=2)
+    old = LayerProfile.load(FIXTURES / "profile_format1_llava.npz")
+    for modality in ("text", "vision", "sink", "all"):
+        for stat in ("mean_cos_dist", "var_cos_dist", "norm_ratio", "count"):
+            assert np.allclose(getattr(old, stat)(modality), getattr(fresh, stat)(modality), atol=1e-6), stat
+        assert np.allclose(old.tail_prob(0.01, modality, confidence=0.9)[1],
+                           fresh.tail_prob(0.01, modality, confidence=0.9)[1], atol=1e-6)
+        assert np.allclose(old.quantile(0.5, modality), fresh.quantile(0.5, modality), atol=1e-6)
+    for variant in ("mean_all", "uniform_all", "last", "ratio_all"):
+        assert np.allclose(old.vision_attention(variant), fresh.vision_attention(variant), atol=1e-6), variant
+    with pytest.raises(InputError, match="mean_all"):
+        old.vision_attention()  # its positional "mean" was over every text query: say so, never substitute
+    with pytest.raises(InputError, match="before VAR was split"):
+        old.merge(fresh)
+    assert set(old.frame["statistic"]) == set(fresh.frame["statistic"]) - {"vision_attention_mean",
+                                                                           "vision_attention_uniform"}
+
+
+def test_default_var_ignores_queries_that_cannot_see_the_image():
+    """Question before the image: text queries placed before every vision key put no mass on it and must
+    not dilute VAR; the *_all variant counts them as 0 (so it shrinks as the question grows)."""
+    tiny = make("llava")
+    short = profile(tiny.model, tiny.inputs(prompts=[(1, 3)], seed=4))
+    long = profile(tiny.model, tiny.inputs(prompts=[(9, 3)], seed=4))  # 8 more text tokens before the image
+    assert np.all(long.vision_attention("mean_all") < short.vision_attention("mean_all"))
+    seeing_share = 3 / 12  # 3 of the 12 text queries (BOS is the sink) follow the image
+    assert np.allclose(long.vision_attention("mean_all"), seeing_share * long.vision_attention("mean"), rtol=1e-6)

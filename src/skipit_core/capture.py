@@ -19,20 +19,23 @@ the model's device, into the mergeable sums of a :class:`LayerProfile`:
 Memory does not grow with the number of samples (beyond ``keep``): every statistic is a sum, a count,
 a min/max or a histogram, so ``a.merge(b)`` of two shards equals one pass over both.
 
-The hook machinery (:func:`iter_batches`, :func:`run_forward`, :func:`attention_probs`) is shared with
-:mod:`skipit_core.measures`. Hooks never synchronise with the host (no ``.item()``, no branching on
-tensor values); the one synchronisation per batch is the NaN/inf check after the forward.
+Forward-pass plumbing (batch layout, hooks, running a forward) lives in :mod:`skipit_core.forward`;
+this module holds the statistics only. Hooks never synchronise with the host (no ``.item()``, no
+branching on tensor values); the one synchronisation per batch is the NaN/inf check after the forward.
+
+Every statistic is stored under a name (:data:`TOKEN_STATS`, :data:`SAMPLE_STATS`, ``var_sum.<variant>``
+...); profiles saved by skipit 0.1.0 before the names existed (positional ``tok``/``samp``/``var``
+arrays) load through :meth:`LayerProfile.load` unchanged, their VAR under the ``*_all`` variants.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -40,123 +43,28 @@ import torch
 from torch import nn
 
 from .errors import InputError, NumericalError, UnsupportedModelError
+from .forward import BatchLayout, iter_batches, model_device_dtype, run_forward
 from .models import Backbone, TokenKind, allowed_keys
 
 __all__ = [
-    "profile", "LayerProfile", "MODALITIES", "DEFAULT_EPS", "N_BINS",
-    "BatchLayout", "iter_batches", "run_forward", "attention_probs", "last_logprobs",
+    "profile", "LayerProfile", "MODALITIES", "DEFAULT_EPS", "N_BINS", "VAR_VARIANTS", "attention_probs",
 ]
 
 MODALITIES = ("text", "vision", "sink")  # index = TokenKind code; "all" pools the three
 _QUERY_MODALITIES = (*MODALITIES, "all")
-_TRASH = 3  # accumulator slot of PAD positions, dropped at the end
 N_BINS = 2000
 #: default eps grid of the exact tail counts: {1, 1.5, 2, 3, 5, 7} x 10^k for k = -4..-1, then 1, 1.5
 DEFAULT_EPS: tuple[float, ...] = tuple(
     sorted({round(m * 10.0**k, 10) for k in range(-4, 0) for m in (1, 1.5, 2, 3, 5, 7)} | {1.0, 1.5})
 )
-VAR_VARIANTS = ("mean", "last", "uniform")
-
-PostHook = Callable[[int, torch.Tensor, torch.Tensor, dict, "BatchLayout"], "torch.Tensor | None"]
-PreHook = Callable[[int, torch.Tensor, dict, "BatchLayout"], "dict | None"]
-
-
-# ---------------------------------------------------------------------------------------------------
-# batches and their token layout
-# ---------------------------------------------------------------------------------------------------
-@dataclass
-class BatchLayout:
-    """Where each kind of token sits in one batch, computed once on the host before the forward.
-
-    ``kinds [B, N]`` holds :class:`TokenKind` codes, ``slot`` the same with PAD mapped to an
-    accumulator trash slot. ``text_idx [B, T]`` lists the TEXT positions of each sample in order
-    (``text_valid`` marks the real ones; ``T`` is the largest count in the batch), ``last_text [B]``
-    the last TEXT position and ``last_pos [B]`` the last non-padding position (where the next token is
-    predicted). ``has_vision``/``n_text_max`` are Python values so hooks can branch without a sync.
-    """
-
-    kinds: torch.Tensor
-    slot: torch.Tensor
-    vision: torch.Tensor
-    n_vision: torch.Tensor
-    text_idx: torch.Tensor
-    text_valid: torch.Tensor
-    n_text: torch.Tensor
-    last_text: torch.Tensor
-    last_pos: torch.Tensor
-    has_vision: bool
-    n_text_max: int
-
-    @property
-    def batch(self) -> int:
-        return self.kinds.shape[0]
-
-    @property
-    def seq(self) -> int:
-        return self.kinds.shape[1]
-
-    @classmethod
-    def of(cls, bb: Backbone, inputs: Mapping[str, Any], device: torch.device) -> "BatchLayout":
-        ids = inputs["input_ids"]
-        if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
-            raise InputError("input_ids must be a [batch, seq] tensor, as a processor returns with "
-                             "return_tensors='pt'.")
-        kinds = bb.token_kinds(ids, inputs.get("attention_mask")).to(device)
-        text = kinds == TokenKind.TEXT
-        n_text = text.sum(1)
-        n_text_max = int(n_text.max())
-        text_idx = torch.sort((~text).to(torch.int8), dim=1, stable=True).indices[:, :n_text_max]
-        text_valid = torch.arange(n_text_max, device=device)[None, :] < n_text[:, None]
-        positions = torch.arange(kinds.shape[1], device=device)[None, :]
-        last_text = torch.where(text, positions, -1).amax(1).clamp_min(0)
-        last_pos = torch.where(kinds != TokenKind.PAD, positions, -1).amax(1).clamp_min(0)
-        vision = kinds == TokenKind.VISION
-        n_vision = vision.sum(1)
-        return cls(kinds, kinds.masked_fill(kinds == TokenKind.PAD, _TRASH), vision, n_vision,
-                   text_idx, text_valid, n_text, last_text, last_pos, bool(n_vision.any()), n_text_max)
-
-
-def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    param = next(model.parameters())
-    return getattr(model, "device", param.device), getattr(model, "dtype", param.dtype)
-
-
-def _move(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> dict:
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
-        out[key] = value
-    return out
-
-
-def iter_batches(model: nn.Module | Backbone, batches: Iterable[Mapping[str, Any]] | Mapping[str, Any]
-                 ) -> Iterator[tuple[dict, BatchLayout]]:
-    """Yield ``(inputs, layout)`` per batch: inputs checked (:meth:`Backbone.check_inputs`) and moved
-    to the model's device (floating tensors to its dtype). A single dict counts as one batch.
-
-    Raises :class:`InputError` when ``batches`` yields nothing.
-    """
-    bb = Backbone.of(model)
-    device, dtype = _device_dtype(bb.model)
-    if isinstance(batches, Mapping):
-        batches = [batches]
-    n = 0
-    for batch in batches:
-        bb.check_inputs(batch)
-        inputs = _move(batch, device, dtype)
-        yield inputs, BatchLayout.of(bb, inputs, device)
-        n += 1
-    if n == 0:
-        raise InputError("`batches` yielded no batch: pass an iterable of model-input dicts, e.g. "
-                         "[processor(images=..., text=..., return_tensors='pt')].")
-
-
-# ---------------------------------------------------------------------------------------------------
-# hooks
-# ---------------------------------------------------------------------------------------------------
-class _StopForward(Exception):
-    """Raised by a hook to end a forward early (nothing after the last needed layer runs)."""
+#: VAR variants (see :meth:`LayerProfile.vision_attention`): over the text queries that may attend a
+#: vision key ("mean", "uniform"), the last text token ("last"), over every text query ("*_all")
+VAR_VARIANTS = ("mean", "last", "uniform", "mean_all", "uniform_all")
+#: per-token sums, ``[n_layers, 3]`` over MODALITIES: tokens, sum d, sum d^2, sum |x_out|/|x_in|
+TOKEN_STATS = ("token_count", "sum_d", "sum_d2", "sum_norm_ratio")
+#: per-sample sums, ``[n_layers, 4, n_eps]`` over MODALITIES + "all": sum of F_eps(x) (the sample's
+#: fraction of tokens with d > eps), sum of F_eps(x)^2, samples with some token above eps
+SAMPLE_STATS = ("sample_frac_sum", "sample_frac_sumsq", "sample_any")
 
 
 def _cos_dist(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -167,97 +75,6 @@ def _cos_dist(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     diff = a / na.clamp_min(1e-30)[..., None] - b / nb.clamp_min(1e-30)[..., None]
     d = (0.5 * diff.square().sum(-1)).clamp(0.0, 2.0).masked_fill((na == 0) | (nb == 0), 1.0)
     return d, (2.0 * d).sqrt(), na, nb
-
-
-def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@contextmanager
-def _hooked(bb: Backbone, layout: BatchLayout, post: PostHook | None, pre: PreHook | None,
-            stop_after: int | None) -> Iterator[None]:
-    """Register the hooks on every decoder layer; always remove them and restore the model's state
-    (train/eval flags of every module, Qwen's cached ``rope_deltas``)."""
-    model = bb.model
-    modes = [(m, m.training) for m in model.modules()]
-    inner = getattr(model, "model", model)
-    rope = ("rope_deltas", inner.rope_deltas) if hasattr(inner, "rope_deltas") else None
-    handles = []
-
-    def make_post(idx: int):
-        def hook(module, args, kwargs, output):
-            x_out = output[0] if isinstance(output, tuple) else output
-            new = post(idx, _layer_input(args, kwargs), x_out, kwargs, layout) if post else None
-            if stop_after is not None and idx >= stop_after:
-                raise _StopForward
-            if new is None:
-                return None
-            return (new, *output[1:]) if isinstance(output, tuple) else new
-        return hook
-
-    def make_pre(idx: int):
-        def hook(module, args, kwargs):
-            new = pre(idx, _layer_input(args, kwargs), kwargs, layout)
-            return None if new is None else (args, new)
-        return hook
-
-    try:
-        model.eval()
-        for idx, layer in enumerate(bb.layers):
-            if pre is not None:
-                handles.append(layer.register_forward_pre_hook(make_pre(idx), with_kwargs=True))
-            if post is not None or stop_after is not None:
-                handles.append(layer.register_forward_hook(make_post(idx), with_kwargs=True))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        for module, mode in modes:
-            module.training = mode
-        if rope is not None:
-            setattr(inner, *rope)
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    import inspect
-    return name in inspect.signature(model.forward).parameters
-
-
-def run_forward(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, *,
-                post: PostHook | None = None, pre: PreHook | None = None,
-                stop_after: int | None = None, logits: bool = False) -> torch.Tensor | None:
-    """One forward of ``inputs`` under ``torch.no_grad`` with hooks on every decoder layer.
-
-    ``post(l, x_in, x_out, kwargs, layout)`` runs after layer ``l`` (return a tensor to replace the
-    layer's output); ``pre(l, x_in, kwargs, layout)`` runs before it (return a new kwargs dict, e.g.
-    with an edited ``attention_mask``). ``stop_after=l`` ends the forward after layer ``l``.
-    Returns the logits at each sample's last non-padding position ``[B, V]`` when ``logits=True``
-    (computed for those positions only where the class supports ``logits_to_keep``), else None.
-    """
-    bb = Backbone.of(model)
-    kwargs: dict[str, Any] = {"use_cache": False} if "use_cache" not in inputs else {}
-    keep = logits and _accepts(bb.model, "logits_to_keep")
-    if logits and keep:
-        kwargs["logits_to_keep"] = layout.last_pos[:, None]
-    elif not logits and _accepts(bb.model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = 1  # the head's work is not needed
-    with _hooked(bb, layout, post, pre, stop_after), torch.no_grad():
-        try:
-            out = bb.model(**inputs, **kwargs)
-        except _StopForward:
-            return None
-    if not logits:
-        return None
-    scores = out.logits
-    if keep:
-        return scores[:, -1]
-    return scores[torch.arange(layout.batch, device=scores.device), layout.last_pos]
-
-
-def last_logprobs(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, **hooks) -> torch.Tensor:
-    """Float64 log-probabilities ``[B, V]`` of the next token at each sample's last position,
-    under the given hooks (see :func:`run_forward`); float64 keeps small KL divergences accurate."""
-    return torch.log_softmax(run_forward(model, inputs, layout, logits=True, **hooks).double(), dim=-1)
 
 
 def attention_probs(bb: Backbone, layer_idx: int, x_in: torch.Tensor, kwargs: dict,
@@ -304,15 +121,16 @@ class _Accumulator:
         L, E, f64 = bb.n_layers, len(eps), torch.float64
         self.bb, self.device, self.n_bins, self.attention, self.keep = bb, device, n_bins, attention, keep
         self.eps = torch.tensor(eps, dtype=torch.float32, device=device)
-        self.tok = torch.zeros(L, 4, 4, dtype=f64, device=device)  # count, sum d, sum d^2, sum ratio
+        self.tok = torch.zeros(L, 4, len(TOKEN_STATS), dtype=f64, device=device)  # slots x TOKEN_STATS
         self.hist = torch.zeros(L, 4 * n_bins, dtype=torch.int64, device=device)
         self.dmin = torch.full((L, 4), math.inf, dtype=f64, device=device)
         self.dmax = torch.full((L, 4), -math.inf, dtype=f64, device=device)
         self.gt = torch.zeros(L, 4, E, dtype=f64, device=device)
-        self.samp = torch.zeros(L, 4, E, 3, dtype=f64, device=device)  # sum frac, sum frac^2, # any
+        self.samp = torch.zeros(L, 4, E, len(SAMPLE_STATS), dtype=f64, device=device)  # .. x SAMPLE_STATS
         self.samp_n = torch.zeros(L, 4, dtype=f64, device=device)
-        self.var = torch.zeros(L, 3, 2, dtype=f64, device=device)  # (mean, last, uniform) x (sum, sumsq)
-        self.var_n = torch.zeros(L, dtype=f64, device=device)
+        V = len(VAR_VARIANTS)
+        self.var = torch.zeros(L, V, 2, dtype=f64, device=device)  # VAR_VARIANTS x (sum, sum of squares)
+        self.var_n = torch.zeros(L, V, dtype=f64, device=device)  # samples counted per variant
         self.bad = torch.zeros(L, 4, dtype=f64, device=device)
         self.n_samples = 0
         self.pooled: dict[str, list[np.ndarray]] = {k: [] for k in _POOLED}
@@ -381,20 +199,34 @@ class _Accumulator:
         self.samp_n[l] += (n_tok > 0).sum(0).to(self.device)
 
     def _vision_attention(self, l, x_in, kwargs, layout) -> None:
+        """Per-sample VAR of every variant, from the layer's own attention over text queries ``t``:
+        ``mass_t = mean_h sum_{j in V} A_h[t, j]`` and ``uniform_t = |V_t| / |K_t|``; "seeing" queries are
+        those whose allowed keys include a vision key (removing vision changes nothing for the others)."""
         probs, allowed = attention_probs(self.bb, l, x_in, kwargs, layout.text_idx)  # [B,H,T,N], [B,T,N]
         vision = layout.vision.float()
         mass = torch.einsum("bhtn,bn->bt", probs, vision) / probs.shape[1]  # mean over heads
         n_allowed = (allowed & (layout.kinds != TokenKind.PAD)[:, None]).sum(-1).clamp_min(1)
-        uniform = (allowed.float() @ vision[..., None])[..., 0] / n_allowed
+        n_vision_seen = allowed.float() @ vision[..., None]  # [B, T, 1]
+        uniform = n_vision_seen[..., 0] / n_allowed
         valid = layout.text_valid.float()
-        n = valid.sum(1).clamp_min(1)
+        seeing = valid * (n_vision_seen[..., 0] > 0).float()
         last_col = (layout.n_text - 1).clamp_min(0)[:, None]
-        per_sample = torch.stack([(mass * valid).sum(1) / n, mass.gather(1, last_col)[:, 0],
-                                  (uniform * valid).sum(1) / n], -1)  # [B, 3]
-        counted = ((layout.n_vision > 0) & (layout.n_text > 0)).double()[:, None]
-        per_sample = per_sample.double() * counted
+        has_vision = layout.n_vision > 0
+        means, counted = [], []
+        for variant in VAR_VARIANTS:
+            if variant == "last":
+                means.append(mass.gather(1, last_col)[:, 0])
+                counted.append(has_vision & (layout.n_text > 0))
+                continue
+            weights = valid if variant.endswith("_all") else seeing
+            n = weights.sum(1)
+            values = mass if variant.startswith("mean") else uniform
+            means.append((values * weights).sum(1) / n.clamp_min(1))
+            counted.append(has_vision & (n > 0))
+        mask = torch.stack(counted, -1).double()  # [B, V]
+        per_sample = torch.stack(means, -1).double() * mask
         self.var[l] += torch.stack([per_sample.sum(0), (per_sample * per_sample).sum(0)], -1).to(self.device)
-        self.var_n[l] += counted.sum().to(self.device)
+        self.var_n[l] += mask.sum(0).to(self.device)
 
     def _pool(self, l, a, b, layout) -> None:
         m = next(iter(self._buf.values())).shape[0]
@@ -410,15 +242,21 @@ class _Accumulator:
     def result(self, meta: dict) -> "LayerProfile":
         L, nb = self.bb.n_layers, self.n_bins
         np64 = lambda t: t.cpu().numpy()  # noqa: E731
-        arrays = {
-            "tok": np64(self.tok[:, :3]),
+        arrays = {name: np64(self.tok[:, :3, i]) for i, name in enumerate(TOKEN_STATS)}
+        arrays.update({name: np64(self.samp[..., i]) for i, name in enumerate(SAMPLE_STATS)})
+        arrays["token_count"] = arrays["token_count"].round().astype(np.int64)
+        arrays["sample_any"] = arrays["sample_any"].round().astype(np.int64)
+        arrays.update({
             "hist": np64(self.hist.view(L, 4, nb)[:, :3]),
-            "dmin": np64(self.dmin[:, :3]), "dmax": np64(self.dmax[:, :3]),
-            "gt": np64(self.gt[:, :3]).round().astype(np.int64),
-            "samp": np64(self.samp), "samp_n": np64(self.samp_n).round().astype(np.int64),
-            "var": np64(self.var), "var_n": np64(self.var_n).round().astype(np.int64),
+            "min_d": np64(self.dmin[:, :3]), "max_d": np64(self.dmax[:, :3]),
+            "n_above": np64(self.gt[:, :3]).round().astype(np.int64),
+            "sample_n": np64(self.samp_n).round().astype(np.int64),
             "n_samples": np.array(self.n_samples, dtype=np.int64),
-        }
+        })
+        for i, variant in enumerate(VAR_VARIANTS):
+            arrays[f"var_sum.{variant}"] = np64(self.var[:, i, 0])
+            arrays[f"var_sumsq.{variant}"] = np64(self.var[:, i, 1])
+            arrays[f"var_n.{variant}"] = np64(self.var_n[:, i]).round().astype(np.int64)
         pooled = {k: np.concatenate(v, 0) for k, v in self.pooled.items() if v}
         return LayerProfile(meta, arrays, pooled)
 
@@ -459,7 +297,7 @@ def profile(model: nn.Module, batches: Iterable[Mapping[str, Any]] | Mapping[str
     eps = sorted(float(e) for e in eps_grid)
     if not eps or eps[0] < 0 or eps[-1] > 2:
         raise InputError(f"eps_grid must be non-empty values in [0, 2]; got {eps_grid!r}.")
-    device, dtype = _device_dtype(model)
+    device, dtype = model_device_dtype(model)
     acc = _Accumulator(bb, device, n_bins, eps, attention, keep)
     for inputs, layout in iter_batches(bb, batches):
         acc.begin(layout)
@@ -467,14 +305,16 @@ def profile(model: nn.Module, batches: Iterable[Mapping[str, Any]] | Mapping[str
         acc.end(layout)
     meta = {"model_class": type(model).__name__, "family": bb.family.name, "n_layers": bb.n_layers,
             "hidden_size": bb.hidden_size, "dtype": str(dtype).replace("torch.", ""), "n_bins": n_bins,
-            "eps_grid": eps, "keep": keep, "attention": attention, "image_token_id": bb.image_token_id}
+            "eps_grid": eps, "keep": keep, "attention": attention, "image_token_id": bb.image_token_id,
+            "format": PROFILE_FORMAT}
     return acc.result(meta)
 
 
 # ---------------------------------------------------------------------------------------------------
 # the result
 # ---------------------------------------------------------------------------------------------------
-_ADD = ("tok", "hist", "gt", "samp", "samp_n", "var", "var_n", "n_samples")
+PROFILE_FORMAT = 2  # named statistics; profiles without "format" in their meta are the positional format 1
+_EXTREMES = {"min_d": np.minimum, "max_d": np.maximum}  # every other array is a sum: merge adds
 _MERGE_META = ("model_class", "n_layers", "hidden_size", "n_bins", "eps_grid", "attention")
 
 
@@ -534,7 +374,7 @@ class LayerProfile:
 
     def __repr__(self) -> str:
         counts = ", ".join(f"{m} {int(self.count(m)[0])}" for m in MODALITIES)
-        var = "VAR" if self.arrays["var_n"].max(initial=0) > 0 else "no VAR"
+        var = "VAR" if self._var_counted() else "no VAR"
         pooled = f", pooled {len(next(iter(self.pooled.values())))}" if self.pooled else ""
         return (f"LayerProfile({self.model_class}, {self.n_layers} layers, d={self.hidden_size}, "
                 f"{self.n_samples} samples; tokens per layer: {counts}; {var}{pooled})")
@@ -557,7 +397,11 @@ class LayerProfile:
             raise InputError(f"this profile saw no {modality} tokens.")
 
     def _tok(self, modality: str) -> np.ndarray:
-        return self.arrays["tok"][:, self._index(modality)].sum(1)  # [L, 4]
+        idx = self._index(modality)
+        return np.stack([self.arrays[name][:, idx].sum(1) for name in TOKEN_STATS], -1)  # [L, 4]
+
+    def _var_counted(self) -> bool:
+        return any(v.max(initial=0) > 0 for k, v in self.arrays.items() if k.startswith("var_n."))
 
     # -- geometric statistics ----------------------------------------------------------------------
     def count(self, modality: str = "all") -> np.ndarray:
@@ -597,7 +441,7 @@ class LayerProfile:
         if np.any((qs < 0) | (qs > 1)):
             raise InputError(f"quantile levels must be in [0, 1]; got {q!r}.")
         hist, idx = self.histogram(modality).astype(np.float64), self._index(modality)
-        lo, hi = self.arrays["dmin"][:, idx].min(1), self.arrays["dmax"][:, idx].max(1)
+        lo, hi = self.arrays["min_d"][:, idx].min(1), self.arrays["max_d"][:, idx].max(1)
         n_bins = hist.shape[1]
         out = np.empty((len(qs), self.n_layers))
         for li in range(self.n_layers):
@@ -636,7 +480,7 @@ class LayerProfile:
         k = self._grid_index(eps)
         if confidence is None:
             if k is not None:
-                return self.arrays["gt"][:, self._index(modality), k].sum(1) / self.count(modality)
+                return self.arrays["n_above"][:, self._index(modality), k].sum(1) / self.count(modality)
             return self._hist_tail(eps, modality)
         if k is None:
             raise InputError(f"confidence bounds need eps on the profile's grid {self.eps_grid.tolist()}; "
@@ -644,7 +488,7 @@ class LayerProfile:
         if not 0 < confidence < 1:
             raise InputError(f"confidence must be in (0, 1); got {confidence}.")
         m = _QUERY_MODALITIES.index(modality)
-        total, n = self.arrays["samp"][:, m, k, 0], self.arrays["samp_n"][:, m]
+        total, n = self.arrays["sample_frac_sum"][:, m, k], self.arrays["sample_n"][:, m]
         return total / n, _hoeffding_upper(total, n, confidence)
 
     def any_exceeds(self, eps: float, modality: str = "all", confidence: float | None = None
@@ -656,7 +500,7 @@ class LayerProfile:
         if k is None:
             raise InputError(f"eps must be on the profile's grid {self.eps_grid.tolist()}.")
         m = _QUERY_MODALITIES.index(modality)
-        total, n = self.arrays["samp"][:, m, k, 2].round(), self.arrays["samp_n"][:, m]
+        total, n = self.arrays["sample_any"][:, m, k], self.arrays["sample_n"][:, m]
         if confidence is None:
             return total / n
         from .theory import hoeffding_upper
@@ -664,7 +508,7 @@ class LayerProfile:
 
     def sample_count(self, modality: str = "all") -> int:
         """Samples holding at least one token of the modality (the ``n`` of the confidence bounds)."""
-        return int(self.arrays["samp_n"][0, _QUERY_MODALITIES.index(modality)]) if self.n_layers else 0
+        return int(self.arrays["sample_n"][0, _QUERY_MODALITIES.index(modality)]) if self.n_layers else 0
 
     def _hist_tail(self, eps: float, modality: str) -> np.ndarray:
         hist = self.histogram(modality).astype(np.float64)
@@ -676,26 +520,40 @@ class LayerProfile:
 
     # -- cross-modal statistics --------------------------------------------------------------------
     def vision_attention(self, variant: str = "mean") -> np.ndarray:
-        """Vision attention ratio VAR per layer.
+        """Vision attention ratio VAR per layer, averaged over heads, then queries, then samples.
 
-        For each sample with vision tokens and text queries (TEXT-kind positions: BOS/sink and vision
-        queries excluded), ``"mean"`` averages over heads and text queries the attention mass on vision
-        keys, ``sum_{j in V} A_h[t, j]``; ``"last"`` takes only the last text token; ``"uniform"`` is
-        the share ``|V_t| / |K_t|`` of vision keys among the (non-padding) keys query ``t`` may attend,
-        averaged the same way; ``"ratio"`` = mean / uniform. Per-sample values are averaged over
-        samples (each sample weighs the same).
+        A text query ``t`` (TEXT-kind position: BOS/sink and vision queries excluded) puts attention
+        mass ``m_t = mean_h sum_{j in V} A_h[t, j]`` on the vision keys ``V``. Its *uniform share* is
+        ``u_t = |V_t| / |K_t|``, the fraction of vision keys among the non-padding keys it may attend.
+
+        * ``"mean"`` (default): ``m_t`` averaged over the text queries that may attend at least one vision
+          key (``|V_t| > 0``: the queries for which removing the vision tokens changes anything; with the
+          image first that is every text query after it, with a question before the image only the
+          tokens after the image). Samples without such a query are left out.
+        * ``"uniform"``: ``u_t`` over the same queries; ``"ratio"`` = mean / uniform (1 = attention
+          spread as if vision keys were ordinary keys).
+        * ``"last"``: ``m_t`` of the last text token only (the one predicting the answer).
+        * ``"mean_all"``, ``"uniform_all"``, ``"ratio_all"``: the same over *every* text query (queries
+          that cannot see the image count as 0, so these depend on the prompt layout).
+
+        Per-sample values are averaged over samples (each sample weighs the same). Profiles saved by
+        skipit 0.1.0 hold only ``"last"`` and the ``*_all`` variants (their ``"mean"`` was ``"mean_all"``).
         """
-        if variant == "ratio":
-            return self.vision_attention("mean") / self.vision_attention("uniform")
+        for ratio, (num, den) in {"ratio": ("mean", "uniform"), "ratio_all": ("mean_all", "uniform_all")}.items():
+            if variant == ratio:
+                return self.vision_attention(num) / self.vision_attention(den)
         if variant not in VAR_VARIANTS:
-            raise InputError(f"variant must be one of {VAR_VARIANTS + ('ratio',)}; got {variant!r}.")
+            raise InputError(f"variant must be one of {VAR_VARIANTS + ('ratio', 'ratio_all')}; got {variant!r}.")
         if not self.meta.get("attention", True):
             raise InputError("this profile was made with attention=False; profile again with attention=True.")
         self._require("vision")
-        n = self.arrays["var_n"]
+        if f"var_n.{variant}" not in self.arrays:
+            raise InputError(f"this profile was saved by skipit 0.1.0, before VAR variant {variant!r} existed; "
+                             "use variant='mean_all' / 'uniform_all' (its old 'mean' / 'uniform') or profile again.")
+        n = self.arrays[f"var_n.{variant}"]
         if n.max(initial=0) == 0:
-            raise InputError("no sample had both vision tokens and text queries; VAR is undefined.")
-        return self.arrays["var"][:, VAR_VARIANTS.index(variant), 0] / n
+            raise InputError(f"no sample had both vision tokens and text queries for VAR {variant!r}; it is undefined.")
+        return self.arrays[f"var_sum.{variant}"] / n
 
     # -- tidy frame --------------------------------------------------------------------------------
     @property
@@ -723,8 +581,8 @@ class LayerProfile:
                 add(mod, f"q{q:02d}", row)
             for e in self.eps_grid:
                 add(mod, f"tail_prob@{e:g}", self.tail_prob(e, mod))
-        if self.meta.get("attention", True) and self.arrays["var_n"].max(initial=0) > 0:
-            for variant in VAR_VARIANTS:
+        if self.meta.get("attention", True) and self._var_counted():
+            for variant in (v for v in VAR_VARIANTS if f"var_n.{v}" in self.arrays):
                 add("text", f"vision_attention_{variant}", self.vision_attention(variant))
         return pd.concat(parts, ignore_index=True)
 
@@ -739,9 +597,10 @@ class LayerProfile:
             if self.meta.get(key) != other.meta.get(key):
                 raise InputError(f"cannot merge profiles with different {key}: {self.meta.get(key)!r} vs "
                                  f"{other.meta.get(key)!r}; profile all shards with the same model and options.")
-        arrays = {k: self.arrays[k] + other.arrays[k] for k in _ADD}
-        arrays["dmin"] = np.minimum(self.arrays["dmin"], other.arrays["dmin"])
-        arrays["dmax"] = np.maximum(self.arrays["dmax"], other.arrays["dmax"])
+        if set(self.arrays) != set(other.arrays):
+            raise InputError("cannot merge a profile saved before VAR was split by query set (skipit 0.1.0) "
+                             "with a newer one; profile all shards with the same version.")
+        arrays = {k: _EXTREMES.get(k, np.add)(v, other.arrays[k]) for k, v in self.arrays.items()}
         meta = dict(self.meta, keep=max(self.meta["keep"], other.meta["keep"]))
         pooled = {}
         for key in sorted(set(self.pooled) | set(other.pooled)):
@@ -761,9 +620,28 @@ class LayerProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "LayerProfile":
-        """Read a profile written by :meth:`save`."""
+        """Read a profile written by :meth:`save` (either storage format)."""
         with np.load(Path(path), allow_pickle=False) as data:
             meta = json.loads(str(data["meta"]))
             arrays = {k[3:]: data[k] for k in data.files if k.startswith("a__")}
             pooled = {k[3:]: data[k] for k in data.files if k.startswith("p__")}
+        if "format" not in meta:
+            arrays, meta = _from_format_1(arrays), dict(meta, format=PROFILE_FORMAT)
         return cls(meta, arrays, pooled)
+
+
+def _from_format_1(old: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Name the positional arrays of a skipit 0.1.0 profile: ``tok [L, 3, 4]`` (TOKEN_STATS), ``samp
+    [L, 4, E, 3]`` (SAMPLE_STATS), ``var [L, 3, 2]`` over (mean of all text queries, last, uniform share
+    of all text queries) x (sum, sum of squares), ``var_n [L]``; ``gt``, ``dmin``, ``dmax``, ``samp_n``."""
+    arrays = {name: old["tok"][..., i] for i, name in enumerate(TOKEN_STATS)}
+    arrays["token_count"] = arrays["token_count"].round().astype(np.int64)
+    arrays.update({name: old["samp"][..., i] for i, name in enumerate(SAMPLE_STATS)})
+    arrays["sample_any"] = arrays["sample_any"].round().astype(np.int64)
+    arrays.update(hist=old["hist"], min_d=old["dmin"], max_d=old["dmax"], n_above=old["gt"],
+                  sample_n=old["samp_n"], n_samples=old["n_samples"])
+    for i, variant in enumerate(("mean_all", "last", "uniform_all")):
+        arrays[f"var_sum.{variant}"] = old["var"][:, i, 0]
+        arrays[f"var_sumsq.{variant}"] = old["var"][:, i, 1]
+        arrays[f"var_n.{variant}"] = old["var_n"]
+    return arrays

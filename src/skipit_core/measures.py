@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import theory
-from .capture import BatchLayout, LayerProfile, attention_probs, iter_batches, last_logprobs, run_forward
+from .capture import LayerProfile, attention_probs
+from .forward import BatchLayout, iter_batches, last_logprobs, run_forward
 from .errors import InputError, UnsupportedModelError
 from .models import Backbone, TokenKind, allowed_keys
 

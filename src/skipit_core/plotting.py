@@ -70,7 +70,7 @@ def plot_profile(profile, *, modalities: Sequence[str] = ("vision", "text"),
     plot_layers({m: profile.mean_cos_dist(m) for m in modalities},
                 "mean cosine distance d(input, output)", band=band, ax=axes[0],
                 title="How much each layer moves a token")
-    plot_layers({"text -> vision (all text queries)": profile.vision_attention("mean"),
+    plot_layers({"text queries that see the image": profile.vision_attention("mean"),
                  "last token": profile.vision_attention("last"),
                  "uniform share": profile.vision_attention("uniform")},
                 "attention mass on vision keys", band=band, ax=axes[1],
