@@ -174,6 +174,54 @@ def test_top_level_export_and_path_errors(tmp_path, monkeypatch):
         model_path("digits-llava")
 
 
+def _import_graph() -> dict[str, set[str]]:
+    """``{module: skipit_core modules it imports}`` read from the source (imports inside functions too)."""
+    import ast
+
+    root = Path(skipit_core.__file__).parent
+    graph = {}
+    for f in root.rglob("*.py"):
+        parts = f.relative_to(root.parent).with_suffix("").parts
+        mod = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = mod if f.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+                target = ".".join(base + ([node.module] if node.module else []))
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            deps |= {n for n in names if n.startswith("skipit_core")}
+        graph[mod] = deps
+    return {m: {d for d in deps if d in graph and d != m} for m, deps in graph.items()}
+
+
+def _reaches(graph: dict[str, set[str]], start: str, goal: str) -> bool:
+    seen, todo = set(), list(graph[start])
+    while todo:
+        m = todo.pop()
+        if m == goal:
+            return True
+        if m not in seen:
+            seen.add(m)
+            todo += graph.get(m, ())
+    return False
+
+
+def test_paths_is_the_bottom_and_tasks_and_zoo_form_no_cycle():
+    graph = _import_graph()
+    assert graph["skipit_core.paths"] <= {"skipit_core.errors"}
+    mine = [m for m in graph if m.startswith(("skipit_core.tasks", "skipit_core.zoo", "skipit_core.paths"))]
+    cycles = [m for m in mine if _reaches(graph, m, m)]
+    assert not cycles, cycles
+    from skipit_core import paths, zoo
+
+    assert zoo.data_dir is paths.data_dir
+
+
 TINY = ModelSize(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, vision_hidden=32, vision_layers=1,
                  vision_heads=2, vision_intermediate=64)
 

@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InputError, SkipitError
+from .paths import data_dir
 
 __all__ = [
     "FAMILIES",
@@ -504,9 +505,7 @@ class DigitScenes:
 
 
 def test_set_path() -> Path:
-    """Path stem of the frozen test split (``<data>/digitscenes/test``); see :func:`skipit_core.zoo.data_dir`."""
-    from .zoo import data_dir
-
+    """Path stem of the frozen test split (``<data>/digitscenes/test``); see :func:`skipit_core.paths.data_dir`."""
     return data_dir() / "digitscenes" / "test"
 
 

@@ -26,30 +26,11 @@ import os
 from pathlib import Path
 
 from ..errors import SkipitError
+from ..paths import ENV, data_dir, models_dir
 
 __all__ = ["MODELS", "data_dir", "model_path", "load_tiny_vlm", "load_vlm"]
 
 MODELS = ("digits-llava", "digits-qwen2vl")
-ENV = "SKIPIT_DATA"
-
-
-def data_dir() -> Path:
-    """The project's ``data/`` folder: ``$SKIPIT_DATA`` if set, else the repository's ``data/`` next to
-    ``src/`` (editable install). Raises :class:`SkipitError` saying how to get it when neither exists."""
-    env = os.environ.get(ENV)
-    if env:
-        p = Path(env).expanduser()
-        if not p.is_dir():
-            raise SkipitError(f"${ENV}={env} is not a folder; point it at the skipit repository's data/ folder.")
-        return p
-    repo_data = Path(__file__).resolve().parents[3] / "data"
-    if repo_data.is_dir():
-        return repo_data
-    raise SkipitError(
-        "cannot find skipit's data/ folder (models and frozen test split). Clone the repository "
-        "(git clone ... && pip install -e .) so data/ sits next to src/, or set "
-        f"{ENV}=/path/to/skipit/data, or pass path= explicitly."
-    )
 
 
 def model_path(name: str = "digits-llava", path: str | os.PathLike | None = None) -> Path:
@@ -60,7 +41,7 @@ def model_path(name: str = "digits-llava", path: str | os.PathLike | None = None
         if name not in MODELS:
             raise SkipitError(f"unknown zoo model {name!r}; choose from {', '.join(MODELS)} "
                               "or pass path= to a saved folder.")
-        p = data_dir() / "models" / name
+        p = models_dir() / name
     if not (p / "config.json").exists():
         raise SkipitError(
             f"no saved model at {p} (config.json missing). Get the repository's data/ folder "
