@@ -25,7 +25,7 @@ from .utils import set_seed
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "models", "capture", "measures", "information", "theory", "skip",
+    "models", "forward", "capture", "measures", "information", "theory", "skip", "band",
     "bench", "tasks", "zoo", "plotting", "cli",
 )
 
@@ -37,6 +37,8 @@ _EXPORTS = {
     "SkipPlan": "skip",
     "skipping": "skip",
     "load_tiny_vlm": "zoo",
+    "predict_band": "band",
+    "BandPrediction": "band",
 }
 
 __all__ = [

@@ -36,7 +36,7 @@ __all__ = [
 TRASH_SLOT = 3  # accumulator slot of PAD positions (BatchLayout.slot), dropped by the statistics
 
 PostHook = Callable[[int, torch.Tensor, torch.Tensor, dict, "BatchLayout"], "torch.Tensor | None"]
-PreHook = Callable[[int, torch.Tensor, dict, "BatchLayout"], "dict | None"]
+PreHook = Callable[[int, torch.Tensor, dict, "BatchLayout"], "dict | torch.Tensor | None"]
 
 
 @dataclass
@@ -164,7 +164,11 @@ def hooked(bb: Backbone, layout: BatchLayout, post: PostHook | None, pre: PreHoo
     def make_pre(idx: int):
         def hook(module, args, kwargs):
             new = pre(idx, layer_input(args, kwargs), kwargs, layout)
-            return None if new is None else (args, new)
+            if new is None:
+                return None
+            if isinstance(new, torch.Tensor):  # new hidden states for the layer's input
+                return ((new, *args[1:]), kwargs) if args else (args, dict(kwargs, hidden_states=new))
+            return args, new
         return hook
 
     try:
@@ -196,7 +200,7 @@ def run_forward(model: nn.Module | Backbone, inputs: dict, layout: BatchLayout, 
 
     ``post(l, x_in, x_out, kwargs, layout)`` runs after layer ``l`` (return a tensor to replace the
     layer's output); ``pre(l, x_in, kwargs, layout)`` runs before it (return a new kwargs dict, e.g.
-    with an edited ``attention_mask``). ``stop_after=l`` ends the forward after layer ``l``.
+    with an edited ``attention_mask``, or a tensor ``[B, N, d]`` to replace the layer's input). ``stop_after=l`` ends the forward after layer ``l``.
     Returns the logits at each sample's last non-padding position ``[B, V]`` when ``logits=True``
     (computed for those positions only where the class supports ``logits_to_keep``), else None.
     """
