@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from skipit_core.errors import InputError, SkipitError
-from skipit_core.tasks import (ANSWERS, FAMILIES, TEMPLATES, DigitScenes, VQASet, build_prompts, encode, evaluate,
+from skipit_core.tasks import (ANSWERS, QUESTION_FAMILIES, TEMPLATES, DigitScenes, VQASet, build_prompts, encode, evaluate,
                                load_pope, normalize_answer, render_scene, wilson)
 from skipit_core import tasks
 
@@ -55,7 +55,7 @@ def test_splits_disjoint_by_source_image_and_stratified():
     assert not sets["train"] & sets["test"]
     assert not sets["validation"] & sets["test"]
     assert set.union(*sets.values()) == set(range(1797))
-    _, target = tasks._load_digits()
+    _, target = tasks.scenes._load_digits()
     for s, frac in zip(tasks.SPLITS, tasks.SPLIT_FRACTIONS):
         for d, idx in tasks.digit_pool(s).items():
             assert (target[idx] == d).all()
@@ -72,7 +72,7 @@ def test_scenes_use_only_their_split(small):
 
 
 def test_answers_match_an_independent_oracle(small):
-    _, target = tasks._load_digits()
+    _, target = tasks.scenes._load_digits()
     for q, a, m in zip(small.questions, small.answers, small.meta):
         assert 2 <= len(m["digits"]) <= 6 and len(set(m["digits"])) == len(m["digits"])
         assert [int(target[s]) for s in m["sources"]] == m["digits"]
@@ -81,9 +81,9 @@ def test_answers_match_an_independent_oracle(small):
 
 def test_follow_up_questions_match_the_oracle(small):
     rng = np.random.default_rng(11)
-    seen = {f: set() for f in FAMILIES}
+    seen = {f: set() for f in QUESTION_FAMILIES}
     for meta in small.meta[:120]:
-        for family in FAMILIES:
+        for family in QUESTION_FAMILIES:
             question, answer = DigitScenes.ask(meta, family, rng)
             assert question.split()[:2] == TEMPLATES[family].split()[:2]
             assert answer == oracle(question, meta["digits"], meta["cells"]), (question, meta)
@@ -94,7 +94,7 @@ def test_follow_up_questions_match_the_oracle(small):
 
 
 def test_pixels_show_the_digits_in_their_cells(small):
-    images, _ = tasks._load_digits()
+    images, _ = tasks.scenes._load_digits()
     for img, m in zip(small.images[:20], small.meta[:20]):
         for src, cell in zip(m["sources"], m["cells"]):
             r, c = divmod(cell, 4)
@@ -109,13 +109,13 @@ def test_pixels_show_the_digits_in_their_cells(small):
 
 def test_answers_are_balanced_within_each_family(small):
     counts = collections.Counter(zip(small.families, small.answers))
-    for f in FAMILIES:
+    for f in QUESTION_FAMILIES:
         per = [counts[(f, a)] for a in ANSWERS[f]]
         assert sum(per) == 44
         assert max(per) - min(per) <= 1, (f, per)
     test = DigitScenes.test_set()
     counts = collections.Counter(zip(test.families, test.answers))
-    for f in FAMILIES:
+    for f in QUESTION_FAMILIES:
         per = [counts[(f, a)] for a in ANSWERS[f]]
         assert max(per) - min(per) <= 1 and sum(per) == tasks.TEST_PER_FAMILY
 
@@ -139,7 +139,7 @@ def test_same_seed_same_bytes_other_seed_differs():
 
 def test_frozen_test_split_is_what_the_seed_generates():
     frozen = DigitScenes.test_set()
-    assert len(frozen) == tasks.TEST_PER_FAMILY * len(FAMILIES)
+    assert len(frozen) == tasks.TEST_PER_FAMILY * len(QUESTION_FAMILIES)
     again = DigitScenes.make_test_set()
     assert frozen.images.dtype == np.uint8 and frozen.images.shape == (len(frozen), 64, 64)
     assert np.array_equal(frozen.images, again.images)
@@ -346,3 +346,32 @@ def test_kept_window_reads_both_sweeps():
     assert kept_window(exits, sweep([True] * 6), reference=0.9) == (5, 5)  # b is raised to a
     with pytest.raises(InputError, match="no-op"):
         kept_window(sweep([False] * 3), entries, reference=0.9)
+
+
+def test_each_family_is_one_object():
+    import dataclasses
+
+    from skipit_core.tasks import QuestionFamily, question_family
+
+    rng = np.random.default_rng(4)
+    for name, fam in QUESTION_FAMILIES.items():
+        assert isinstance(fam, QuestionFamily) and fam.name == name and question_family(name) is fam
+        assert TEMPLATES[name] == fam.template and ANSWERS[name] == fam.answers()
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fam.template = "x"
+        for answer in fam.answers(3, 5):
+            digits, cells, fields = fam.make(answer, 3, 5, rng)
+            assert 3 <= len(digits) <= 5 and len(set(digits)) == len(digits) == len(set(cells))
+            assert oracle(fam.question(**fields), digits, cells) == answer, (name, answer)
+    with pytest.raises(InputError, match="unknown question family"):
+        question_family("colour")
+
+
+def test_python_m_tasks_rewrites_the_frozen_split(tmp_path, capsys):
+    from skipit_core.tasks.datasets import main
+
+    main(["--freeze", str(tmp_path / "test")])
+    assert "wrote" in capsys.readouterr().out
+    stem = tasks.test_set_path()
+    assert (tmp_path / "test.jsonl").read_bytes() == stem.with_suffix(".jsonl").read_bytes()
+    assert np.array_equal(DigitScenes.load(tmp_path / "test").images, DigitScenes.test_set().images)

@@ -165,13 +165,13 @@ def conversations(processor, data, turns: int, rng: np.random.Generator,
     """
     import torch
 
-    from ..tasks import FAMILIES, encode
+    from ..tasks import QUESTION_FAMILIES, encode
 
     p = None if family_weights is None else np.asarray(family_weights, float) / np.sum(family_weights)
     texts, answers = [], []
     for question, answer, meta in zip(data.questions, data.answers, data.meta):
         qa = [(question, answer)]
-        for family in rng.choice(FAMILIES, size=turns - 1, p=p):
+        for family in rng.choice(tuple(QUESTION_FAMILIES), size=turns - 1, p=p):
             qa.append(DigitScenes.ask(meta, str(family), rng))
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": qa[0][0]}]}]
         for i, (q, a) in enumerate(qa):

@@ -1,0 +1,231 @@
+"""Honest scoring: prompts, batches, :func:`evaluate` with Wilson intervals, :func:`kept_window`.
+
+:func:`evaluate` scores any supported Hugging Face VLM on a :class:`~skipit_core.tasks.VQASet`
+(DigitScenes, or a real benchmark through :func:`~skipit_core.tasks.load_pope`): one forward pass per
+batch (left padding), the answer is the argmax of the next-token logits over the **full vocabulary**,
+decoded and normalised (lower case, surrounding spaces / punctuation / sentencepiece markers stripped)
+and compared with the expected answer. Restricting the argmax to the family's answers would hide a
+model that answers off-format; the full-vocabulary rule is the honest one. Every accuracy comes with a
+Wilson 95% interval, per question family too, and a blank-image baseline (``with_blank=True`` or
+``data.blank()``) says how much of it is reachable without looking.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..errors import InputError
+from ..forward import accepts, model_device_dtype, move_inputs
+from ..models import Backbone
+from ..skip import skipping
+from ..theory import wilson_interval
+from .datasets import VQASet, normalize_answer
+from .scenes import ANSWERS, QUESTION_FAMILIES
+
+__all__ = ["build_prompts", "encode", "batches", "next_token_logits", "evaluate", "EvalResult", "wilson",
+           "kept_window"]
+
+
+def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of ``k`` successes in ``n`` trials (:func:`skipit_core.theory.wilson_interval`)."""
+    lo, hi = wilson_interval(k, n, confidence)[:2]
+    return float(lo), float(hi)
+
+
+# ----------------------------------------------------------------------------- prompts and batches
+def build_prompts(processor, questions: Sequence[str]) -> list[str]:
+    """The prompt text for each question, one image each, as the model was trained / expects.
+
+    Uses the processor's chat template when it has one (``USER: <image>\\n{question} ASSISTANT:`` for
+    LLaVA-1.5, the Qwen chat format for Qwen2-VL, and the templates shipped with the zoo models), with
+    one user message holding an image part then a text part and ``add_generation_prompt=True``;
+    otherwise the LLaVA-1.5 format with the processor's image token.
+    """
+    if getattr(processor, "chat_template", None):
+        return [processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}],
+            add_generation_prompt=True, tokenize=False) for q in questions]
+    token = getattr(processor, "image_token", "<image>")
+    return [f"USER: {token}\n{q} ASSISTANT:" for q in questions]
+
+
+def encode(processor, data: VQASet, start: int = 0, stop: int | None = None,
+           texts: Sequence[str] | None = None):
+    """Processor inputs (``return_tensors='pt'``, left padding) for items ``start:stop`` of ``data``:
+    their one-question prompts, or the given ``texts`` (one per item, e.g. whole conversations).
+    ``input_ids`` / ``attention_mask`` are ``[B, T]``; Qwen processors also give ``mm_token_type_ids``."""
+    stop = len(data) if stop is None else stop
+    images = [data.image(i) for i in range(start, stop)]
+    prompts = build_prompts(processor, data.questions[start:stop]) if texts is None else list(texts)
+    tok = getattr(processor, "tokenizer", None)
+    old = getattr(tok, "padding_side", None)
+    try:
+        if tok is not None:
+            tok.padding_side = "left"
+        inputs = processor(images=images, text=prompts, return_tensors="pt", padding=True)
+    finally:
+        if tok is not None and old is not None:
+            tok.padding_side = old
+    if "mm_token_type_ids" not in inputs and "image_grid_thw" in inputs:
+        # Qwen processors that did not return it: build it from the image token (what Backbone needs)
+        image_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
+        inputs["mm_token_type_ids"] = (inputs["input_ids"] == image_id).int()
+    return inputs
+
+
+def batches(processor, data: VQASet, batch_size: int = 32) -> Iterator[Any]:
+    """Processor inputs for ``data`` in consecutive batches of ``batch_size`` items (the last may be
+    shorter): the iterable :func:`skipit_core.capture.profile` and the measures take."""
+    _check_batch_size(batch_size)
+    for start in range(0, len(data), batch_size):
+        yield encode(processor, data, start, min(start + batch_size, len(data)))
+
+
+def _check_batch_size(batch_size) -> None:
+    if not isinstance(batch_size, (int, np.integer)) or isinstance(batch_size, bool) or batch_size < 1:
+        raise InputError(f"batch_size must be a positive integer; got {batch_size!r}.")
+
+
+def next_token_logits(model, inputs) -> torch.Tensor:
+    """Logits ``[B, V]`` of the next token after each (left-padded) prompt."""
+    kwargs = dict(inputs)
+    if accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out.logits[:, -1, :]
+
+
+# ----------------------------------------------------------------------------- results
+@dataclass
+class EvalResult:
+    """Accuracy with a Wilson interval, per family too; ``blank`` is the blank-image baseline when
+    computed (``evaluate(..., with_blank=True)``). ``predictions`` are the decoded argmax tokens."""
+
+    accuracy: float
+    ci_low: float
+    ci_high: float
+    n: int
+    k: int
+    by_family: pd.DataFrame  # family, n, k, accuracy, ci_low, ci_high, chance
+    predictions: list[str]
+    correct: np.ndarray
+    blank: "EvalResult | None" = None
+    confidence: float = 0.95
+
+    def __str__(self) -> str:
+        s = f"accuracy {self.accuracy:.3f} [{self.ci_low:.3f}, {self.ci_high:.3f}] (n={self.n})"
+        if self.blank is not None:
+            s += f"; blank-image baseline {self.blank.accuracy:.3f} [{self.blank.ci_low:.3f}, {self.blank.ci_high:.3f}]"
+        return s
+
+    def table(self) -> pd.DataFrame:
+        """Overall + per-family rows (with the blank baseline side by side when present)."""
+        overall = pd.DataFrame([dict(family="all", n=self.n, k=self.k, accuracy=self.accuracy,
+                                     ci_low=self.ci_low, ci_high=self.ci_high, chance=np.nan)])
+        t = pd.concat([self.by_family, overall], ignore_index=True)
+        if self.blank is not None:
+            b = self.blank.table()[["family", "accuracy", "ci_low", "ci_high"]]
+            t = t.merge(b.rename(columns={c: "blank_" + c for c in ("accuracy", "ci_low", "ci_high")}),
+                        on="family", how="left")
+        return t
+
+    def to_dict(self) -> dict:
+        d = dict(accuracy=self.accuracy, ci_low=self.ci_low, ci_high=self.ci_high, n=self.n, k=self.k,
+                 confidence=self.confidence, by_family=self.by_family.to_dict(orient="records"))
+        if self.blank is not None:
+            d["blank"] = self.blank.to_dict()
+        return d
+
+
+def _chance(family: str) -> float:
+    return 1.0 / len(ANSWERS[family]) if family in ANSWERS else float("nan")
+
+
+def _summarise(families: list[str], correct: np.ndarray, predictions: list[str], confidence: float) -> EvalResult:
+    rows = []
+    order = [f for f in QUESTION_FAMILIES if f in set(families)] + sorted(set(families) - set(QUESTION_FAMILIES))
+    fam = np.array(families)
+    for f in order:
+        c = correct[fam == f]
+        lo, hi = wilson(int(c.sum()), len(c), confidence)
+        rows.append(dict(family=f, n=len(c), k=int(c.sum()), accuracy=float(c.mean()), ci_low=lo, ci_high=hi,
+                         chance=_chance(f)))
+    k, n = int(correct.sum()), len(correct)
+    lo, hi = wilson(k, n, confidence)
+    return EvalResult(k / n if n else float("nan"), lo, hi, n, k, pd.DataFrame(rows), predictions, correct,
+                      confidence=confidence)
+
+
+# ----------------------------------------------------------------------------- scoring
+def evaluate(model, processor, data: VQASet, plan=None, *, batch_size: int = 32, with_blank: bool = False,
+             confidence: float = 0.95, progress: bool = False) -> EvalResult:
+    """Score ``model`` on ``data``: greedy single-token answers, full-vocabulary argmax.
+
+    ``plan`` is an optional :class:`skipit_core.skip.SkipPlan` applied with
+    ``skipit_core.skip.skipping`` around every forward pass. ``with_blank=True`` scores the same
+    questions on blank images too and attaches that baseline as ``result.blank``. Batches are left
+    padded; model inputs are checked with :meth:`skipit_core.models.Backbone.check_inputs`.
+    Deterministic on CPU for a fixed ``batch_size``.
+    """
+    if not isinstance(data, VQASet):
+        raise InputError(f"data must be a VQASet (DigitScenes.generate / DigitScenes.test_set / load_pope); "
+                         f"got {type(data).__name__}.")
+    if len(data) == 0:
+        raise InputError("data is empty; nothing to evaluate.")
+    _check_batch_size(batch_size)
+    backbone = Backbone.of(model)
+    ctx = (lambda: skipping(model, plan)) if plan is not None else contextlib.nullcontext
+    tokenizer = getattr(processor, "tokenizer", processor)
+    device, dtype = model_device_dtype(model)
+    was_training = model.training
+    model.eval()
+    predictions: list[str] = []
+    starts = range(0, len(data), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"evaluate {data.name}", unit="batch")
+    try:
+        for s in starts:
+            inputs = encode(processor, data, s, min(s + batch_size, len(data)))
+            backbone.check_inputs(inputs)
+            with ctx():
+                logits = next_token_logits(model, move_inputs(inputs, device, dtype))
+            predictions += [normalize_answer(tokenizer.decode([i])) for i in logits.float().argmax(-1).tolist()]
+    finally:
+        model.train(was_training)
+    correct = np.array([p == normalize_answer(a) for p, a in zip(predictions, data.answers)], dtype=bool)
+    result = _summarise(list(data.families), correct, predictions, confidence)
+    if with_blank:
+        result.blank = evaluate(model, processor, data.blank(), plan, batch_size=batch_size,
+                                confidence=confidence, progress=progress)
+    return result
+
+
+def kept_window(early_exit: Mapping[int, Any], late_entry: Mapping[int, Any], reference: float) -> tuple[int, int]:
+    """The widest window ``[a, b)`` of layers to keep the vision tokens in, read off two accuracy sweeps.
+
+    ``early_exit[k]`` / ``late_entry[k]``: results (anything with ``ci_low`` and ``ci_high``, e.g. an
+    :class:`EvalResult`) of ``SkipPlan.early_exit(k)`` / ``SkipPlan.late_entry(k)``. ``b`` is the smallest
+    swept ``k`` such that the interval of every Early Exit at ``k`` or later contains ``reference`` (the
+    unskipped accuracy); ``a`` the largest swept ``k`` such that every Late Entry at ``k`` or earlier does;
+    ``b`` is raised to ``a`` if it is smaller. A description of one sample, not a test: the intervals of
+    neighbouring ``k`` share their questions.
+    """
+    def contains(result) -> bool:
+        return result.ci_low <= reference <= result.ci_high
+
+    exits = [k for k in sorted(early_exit) if all(contains(early_exit[j]) for j in early_exit if j >= k)]
+    entries = [k for k in sorted(late_entry) if all(contains(late_entry[j]) for j in late_entry if j <= k)]
+    if not exits or not entries:
+        raise InputError("no swept plan keeps the reference accuracy inside its interval; include the no-op "
+                         "plans early_exit(n_layers) and late_entry(0) in the sweeps.")
+    return entries[-1], max(exits[0], entries[-1])
