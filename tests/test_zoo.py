@@ -312,3 +312,77 @@ def test_tokenizer_knows_every_word():
         assert tok.unk_token_id not in tok.convert_tokens_to_ids(list(VOCABULARY))
         assert tok("Is there a 7?")["input_ids"] == tok("is there a 7 ?")["input_ids"]
         assert tok.padding_side == "left"
+
+
+def test_train_config_defaults_are_the_command_line_defaults():
+    import argparse
+
+    from skipit_core.zoo.train import TrainConfig
+
+    def parse(*argv):
+        ap = argparse.ArgumentParser()
+        TrainConfig.add_arguments(ap)
+        return TrainConfig.from_args(ap.parse_args(list(argv)))
+
+    assert parse() == TrainConfig()
+    assert TrainConfig().vision_steps == 300 and TrainConfig().threads is None
+    cfg = parse("--arch", "qwen2vl", "--vision-steps", "5", "--hidden", "64", "--family-weights", "1,2,3,4,5,6,7")
+    assert cfg == TrainConfig(arch="qwen2vl", vision_steps=5, size=ModelSize(hidden=64),
+                              family_weights=(1, 2, 3, 4, 5, 6, 7))
+    with pytest.raises(SkipitError, match="one per family"):
+        TrainConfig(family_weights=(1, 2))
+    with pytest.raises(SkipitError, match="unknown architecture"):
+        TrainConfig(arch="gpt")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_old_training_json_is_read_as_a_config(name):
+    from skipit_core.zoo.train import TrainConfig
+
+    record = json.loads((DATA / "models" / name / "training.json").read_text())
+    while record.get("previous"):
+        record = record["previous"]  # the first run of the chain: the one with vision pretraining
+    cfg = TrainConfig.from_dict(record)
+    assert (cfg.arch, cfg.steps, cfg.batch_size, cfg.lr) == (record["arch"], record["steps"], record["batch_size"],
+                                                             record["lr"])
+    assert cfg.vision_steps == record["vision_pretrain"]["steps"] == 400 and cfg.vision_batch_size == 64
+    assert cfg.vision_lr_scale == record["vision_lr_mult"] and cfg.size == ModelSize(**record["size"])
+    assert dict(zip(record["family_weights"], cfg.family_weights)) == record["family_weights"]
+
+
+def test_training_json_holds_the_config(tmp_path):
+    import dataclasses
+
+    from skipit_core.zoo.train import TrainConfig, train
+
+    cfg = TrainConfig(arch="llava", size=TINY, steps=2, batch_size=4, warmup=1, vision_steps=1, vision_batch_size=4,
+                      eval_every=0, val_per_family=0, family_weights=(1, 1, 1, 1, 1, 2, 2))
+    _, _, history = train(cfg, tmp_path, progress=False, log=lambda s: None)
+    assert history["config"] == dataclasses.replace(cfg, threads=torch.get_num_threads())
+    assert TrainConfig.from_dict(json.loads((tmp_path / "training.json").read_text())) == history["config"]
+
+
+def test_schedule_is_transformers_cosine_with_min_lr():
+    """The hand-written schedule the shipped models were trained with, against transformers' (now used):
+    identical from the end of warm-up on; transformers' warm-up starts at 0, one step behind."""
+    import math
+
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    def old(step, warmup, total, floor=0.1):
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    for warmup, total in [(10, 50), (100, 1200), (1, 3)]:
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+        sched = get_cosine_with_min_lr_schedule_with_warmup(opt, warmup, total, min_lr_rate=0.1)
+        lrs = []
+        for _ in range(total):
+            lrs.append(opt.param_groups[0]["lr"] / 2.0)
+            opt.step()
+            sched.step()
+        assert lrs[0] == 0.0
+        assert all(abs(lrs[s] - old(s - 1, warmup, total)) < 1e-12 for s in range(1, warmup))
+        assert all(abs(lrs[s] - old(s, warmup, total)) < 1e-12 for s in range(warmup, total))

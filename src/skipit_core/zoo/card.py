@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .train import TrainConfig
+
 __all__ = ["EVAL_BATCH_SIZE", "evaluation", "write_card", "main"]
 
 EVAL_BATCH_SIZE = 64
@@ -138,7 +140,7 @@ pool of source images; validation and test use disjoint pools (split by source i
 
 {stages_text} Seed {chain[0].get('seed') if chain else None}; loss = cross-entropy of the answer tokens only;
 AdamW, {chain[0].get('schedule') if chain else ''} (per run), gradient clipping {chain[0].get('clip') if chain else ''}, vision tower at
-{chain[0].get('vision_lr_mult') if chain else ''} x the learning rate. The first run starts with {vp.get('steps', 0)} steps of
+{TrainConfig.from_dict(chain[0]).vision_lr_scale if chain else ''} x the learning rate. The first run starts with {vp.get('steps', 0)} steps of
 vision-tower pretraining (per vision token, for the grid cell it lies in: {targets}; the stand-in for
 starting from a pretrained CLIP; that head is discarded). Total wall time
 {total_wall / 60:.1f} min (vision pretraining included) on {threads_text} of a 2-core machine, torch {tr.get('torch')},

@@ -3,101 +3,256 @@
     python -m skipit_core.zoo.train --arch llava --out data/models/digits-llava
     python -m skipit_core.zoo.train --arch qwen2vl --out data/models/digits-qwen2vl
 
-Two stages. (1) Vision pretraining: the vision tower learns, per vision token, the digit in its grid
-cell, in the cells left of and above it, and the cell's row and column (the stand-in for a pretrained
-CLIP). (2) Question answering: fresh scenes every step from the *train* digit pool, one question per
-sequence in the shipped chat template, exactly the prompt :func:`skipit_core.tasks.evaluate` scores; the
-loss is the cross-entropy of the answer token (the next-token logits after ``ASSISTANT:``). With
-``--turns N`` a sequence is instead an N-turn conversation about one image (turn 1 = the evaluation
-prompt, then follow-up questions, every answer in the loss); in a trial with image-first prompts this
-learned more slowly per CPU minute than single questions, and the shipped models use one turn.
-AdamW, linear warm-up then cosine decay to 10% of the peak learning rate, gradient-norm clipping;
-validation accuracy (validation digit pool) is logged every ``--eval-every`` steps. Seeded: the same
-command on the same machine gives the same model. The folder gets ``save_pretrained`` output
-(safetensors) plus ``training.json`` (arguments, sizes, wall time, the validation log). Write the
-model card afterwards with ``python -m skipit_core.zoo.card``.
+Every setting is a field of :class:`TrainConfig` (defaults written once; the command-line flags are
+generated from its fields) and the whole config is written to ``training.json``.
+
+Two stages, one optimiser loop (:func:`optimise`). (1) Vision pretraining: the vision tower learns, per
+vision token, the digit in its grid cell, in the cells left of and above it, and the cell's row and
+column (the stand-in for a pretrained CLIP). (2) Question answering: fresh scenes every step from the
+*train* digit pool, one question per sequence in the shipped chat template, exactly the prompt
+:func:`skipit_core.tasks.evaluate` scores; the loss is the cross-entropy of the answer token (the
+next-token logits after ``ASSISTANT:``), the vision tower at ``vision_lr_scale`` x the learning rate.
+With ``--turns N`` a sequence is instead an N-turn conversation about one image (turn 1 = the
+evaluation prompt, then follow-up questions, every answer in the loss); in a trial with image-first
+prompts this learned more slowly per CPU minute than single questions, and the shipped models use one
+turn. AdamW, linear warm-up then cosine decay to ``min_lr_rate`` of the peak learning rate
+(transformers' ``get_cosine_with_min_lr_schedule_with_warmup``), gradient-norm clipping; validation
+accuracy (validation digit pool) is logged every ``--eval-every`` steps. Seeded: the same command on the
+same machine gives the same model. The folder gets ``save_pretrained`` output (safetensors) plus
+``training.json``. Write the model card afterwards with ``python -m skipit_core.zoo.card``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shlex
 import sys
 import time
+import typing
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import InputError
+from ..tasks import GRID, N_CELLS, QUESTION_FAMILIES, DigitScenes, VQASet, encode, evaluate
 from ..utils import set_seed
-from ..tasks import DigitScenes
-from .build import ARCHS, SIZES, ModelSize, build, save_processor
+from .build import ARCHS, SIZES, ModelSize, build, load_processor, save_processor
 
-__all__ = ["train", "main"]
-
-
-def _lr_lambda(warmup: int, total: int, floor: float = 0.1):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, total - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-
-    return f
+__all__ = ["TrainConfig", "train", "optimise", "main", "cell_labels", "TARGET_CLASSES"]
 
 
-def cell_labels(data) -> "Any":
-    """``LongTensor[B, 5, 16]``: per grid cell (row-major) the digit in it, in the cell left of it and in
-    the cell above it (10 where that cell is empty or off the grid), then the cell's row and column."""
-    import torch
+def _help(text: str, **extra) -> dict:
+    return dict(help=text, **extra)
 
-    own = torch.full((len(data), 16), 10, dtype=torch.long)
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a training run; ``python -m skipit_core.zoo.train --help`` lists them as flags.
+
+    Stage 1 (``vision_*``) pretrains the vision tower; the question-answering stage trains everything,
+    the vision tower at ``vision_lr_scale * lr``.
+    """
+
+    arch: str = field(default="llava", metadata=_help("model family", choices=ARCHS))
+    seed: int = field(default=0, metadata=_help("seed of weights, data and order"))
+    threads: int | None = field(default=None, metadata=_help("torch CPU threads during training (default: torch's setting)"))
+    init_from: str | None = field(default=None, metadata=_help("continue training a saved model folder "
+                                                                 "(no vision pretraining)"))
+    size: ModelSize = field(default_factory=ModelSize, metadata=_help("model sizes"))
+    # stage 1: vision pretraining
+    vision_steps: int = field(default=300, metadata=_help("stage-1 vision pretraining steps (0: none)"))
+    vision_batch_size: int = field(default=128, metadata=_help("stage-1 images per step"))
+    vision_lr: float = field(default=3e-3, metadata=_help("stage-1 peak learning rate"))
+    vision_warmup: int = field(default=50, metadata=_help("stage-1 warm-up steps"))
+    # question answering
+    steps: int = field(default=1200, metadata=_help("question-answering steps"))
+    batch_size: int = field(default=64, metadata=_help("sequences per step"))
+    lr: float = field(default=2e-3, metadata=_help("peak learning rate"))
+    warmup: int = field(default=100, metadata=_help("linear warm-up steps"))
+    vision_lr_scale: float = field(default=0.1, metadata=_help("learning rate of the vision tower / --lr"))
+    turns: int = field(default=1, metadata=_help("questions per training conversation about one image "
+                                                  "(1: single-question prompts)"))
+    family_weights: tuple[float, ...] | None = field(default=None, metadata=_help(
+        "comma-separated sampling weights of the families " + ",".join(QUESTION_FAMILIES)))
+    # every stage
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay of matrices"))
+    clip: float = field(default=1.0, metadata=_help("gradient-norm clipping"))
+    min_lr_rate: float = field(default=0.1, metadata=_help("cosine decay floor, fraction of the peak lr"))
+    eval_every: int = field(default=200, metadata=_help("validation every N steps (0: at the end only)"))
+    val_per_family: int = field(default=30, metadata=_help("validation items per family (0: none)"))
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise InputError(f"unknown architecture {self.arch!r}; choose from {', '.join(ARCHS)}.")
+        if self.steps < 1 or self.batch_size < 1 or self.turns < 1:
+            raise InputError("steps, batch_size and turns must be positive.")
+        if min(self.vision_steps, self.vision_batch_size, self.warmup, self.vision_warmup) < 0:
+            raise InputError("step counts, batch sizes and warm-ups cannot be negative.")
+        if self.family_weights is not None:
+            object.__setattr__(self, "family_weights", tuple(float(w) for w in self.family_weights))
+            if len(self.family_weights) != len(QUESTION_FAMILIES):
+                raise InputError(f"family_weights needs {len(QUESTION_FAMILIES)} weights, one per family "
+                                 f"{', '.join(QUESTION_FAMILIES)}; got {len(self.family_weights)}.")
+        if isinstance(self.size, Mapping):
+            object.__setattr__(self, "size", ModelSize(**self.size))
+
+    # -------------------------------------------------------------- training.json
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["family_weights"] = None if self.family_weights is None else dict(zip(QUESTION_FAMILIES, self.family_weights))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        """The config of a ``training.json`` (today's, or an older one: ``vision_lr_mult`` and the
+        ``vision_pretrain`` log are read as ``vision_lr_scale`` and ``vision_*``); other keys are ignored."""
+        d = dict(d)
+        if "vision_lr_mult" in d:
+            d.setdefault("vision_lr_scale", d["vision_lr_mult"])
+        if "vision_pretrain" in d and "vision_steps" not in d:  # files written before TrainConfig
+            vp = d["vision_pretrain"] or {}
+            d.update(vision_steps=vp.get("steps", 0), vision_batch_size=vp.get("batch_size", cls.vision_batch_size),
+                     vision_lr=vp.get("lr", cls.vision_lr))
+        weights = d.get("family_weights")
+        if isinstance(weights, Mapping):
+            d["family_weights"] = [weights[f] for f in QUESTION_FAMILIES]
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    # -------------------------------------------------------------- command line
+    @classmethod
+    def add_arguments(cls, ap: argparse.ArgumentParser) -> None:
+        """One flag per field (``--vision-steps``), defaults and help from the fields; ``size`` gives
+        one flag per :class:`ModelSize` integer (``--hidden`` ...)."""
+        for f, hint in _fields(cls):
+            if f.name == "size":
+                for g, g_hint in _fields(ModelSize):
+                    if g_hint is int:
+                        ap.add_argument(_flag(g.name), type=int, default=None, help=f"model size: {g.name} "
+                                        f"(default {getattr(SIZES['llava'], g.name)})")
+                continue
+            kind = _base(hint)
+            extra = {k: v for k, v in f.metadata.items() if k != "help"}
+            parse = (lambda s: tuple(float(x) for x in s.split(","))) if kind is tuple else kind
+            default = "" if f.default is None else f" (default {f.default})"
+            ap.add_argument(_flag(f.name), type=parse, default=None, help=f.metadata.get("help", "") + default, **extra)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        given = {f.name: getattr(args, f.name) for f, _ in _fields(cls) if getattr(args, f.name, None) is not None}
+        arch = given.get("arch", cls.arch)
+        size = {g.name: getattr(args, g.name) for g, _ in _fields(ModelSize) if getattr(args, g.name, None) is not None}
+        return cls(**given, size=replace(SIZES[arch], **size))
+
+
+def _fields(cls) -> list:
+    hints = typing.get_type_hints(cls)
+    return [(f, hints[f.name]) for f in fields(cls)]
+
+
+def _base(hint) -> type:
+    """``int | None`` -> int, ``tuple[float, ...] | None`` -> tuple."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    hint = args[0] if args and typing.get_origin(hint) is not tuple else hint
+    return typing.get_origin(hint) or hint
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# ----------------------------------------------------------------------------- the optimiser loop
+def optimise(groups: list[dict], step_loss: Callable[[int], torch.Tensor], steps: int, *, warmup: int, clip: float,
+             min_lr_rate: float, desc: str = "train", progress: bool = False,
+             after_step: Callable[[int], None] | None = None) -> list[float]:
+    """``steps`` AdamW steps (betas 0.9/0.98) on ``groups`` (torch param-group dicts with ``lr``) of the
+    loss ``step_loss(step)``: warm-up then cosine decay to ``min_lr_rate`` of each group's lr, gradients
+    clipped to norm ``clip``. ``after_step(step + 1)`` runs after each step. Returns the losses."""
+    params = [p for g in groups for p in g["params"]]
+    opt = torch.optim.AdamW(groups, betas=(0.9, 0.98), eps=1e-8)
+    sched = get_cosine_with_min_lr_schedule_with_warmup(opt, min(warmup, steps), steps, min_lr_rate=min_lr_rate)
+    losses: list[float] = []
+    bar: Any = range(steps)
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(bar, desc=desc, unit="step", mininterval=10, file=sys.stderr)
+    for step in bar:
+        loss = step_loss(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if progress:
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", refresh=False)
+        if after_step is not None:
+            after_step(step + 1)
+    return losses
+
+
+def param_groups(named: Sequence[tuple[torch.nn.Parameter, float]], weight_decay: float) -> list[dict]:
+    """AdamW groups of ``(parameter, lr)`` pairs: matrices decay, vectors (biases, norms) do not."""
+    groups: dict[tuple[float, bool], list] = {}
+    for p, lr in named:
+        groups.setdefault((lr, p.dim() >= 2), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": weight_decay if decays else 0.0}
+            for (lr, decays), ps in groups.items()]
+
+
+# ----------------------------------------------------------------------------- stage 1: vision pretraining
+def cell_labels(data: VQASet) -> torch.Tensor:
+    """``LongTensor[B, 5, N_CELLS]``: per grid cell (row-major) the digit in it, in the cell left of it and
+    in the cell above it (10 where that cell is empty or off the grid), then the cell's row and column."""
+    own = torch.full((len(data), N_CELLS), 10, dtype=torch.long)
     for i, m in enumerate(data.meta):
         own[i, m["cells"]] = torch.tensor(m["digits"])
-    padded = torch.full((len(data), 5, 5), 10, dtype=torch.long)
-    padded[:, 1:, 1:] = own.view(-1, 4, 4)
-    left = padded[:, 1:, :-1].reshape(-1, 16)
-    above = padded[:, :-1, 1:].reshape(-1, 16)
-    row = torch.arange(16).div(4, rounding_mode="floor").expand(len(data), 16)
-    col = torch.arange(16).remainder(4).expand(len(data), 16)
-    return torch.stack([own, left, above, row, col], dim=1)
+    padded = torch.full((len(data), GRID + 1, GRID + 1), 10, dtype=torch.long)
+    padded[:, 1:, 1:] = own.view(-1, GRID, GRID)
+    left = padded[:, 1:, :-1].reshape(-1, N_CELLS)
+    above = padded[:, :-1, 1:].reshape(-1, N_CELLS)
+    cell = torch.arange(N_CELLS).expand(len(data), N_CELLS)
+    return torch.stack([own, left, above, cell // GRID, cell % GRID], dim=1)
 
 
 #: classes of the per-token targets of :func:`cell_labels`: own / left / above digit (10 = empty), row, column
-TARGET_CLASSES = (11, 11, 11, 4, 4)
+TARGET_CLASSES = (11, 11, 11, GRID, GRID)
 
 
-def vision_features(model, arch: str, inputs) -> "Any":
-    """Per-cell-aligned vision features ``[B, tokens, d]`` and the cell of each token.
+def vision_tower(model) -> torch.nn.Module:
+    """The module stage 1 pretrains and stage 2 trains at ``vision_lr_scale``."""
+    return model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual
 
-    LLaVA: the CLIP tower's last hidden state without CLS (what the projector reads), 8x8 patches,
-    patch ``(r, c)`` lies in cell ``(r // 2, c // 2)``. Qwen2-VL: the merged tokens (one per cell).
+
+def vision_features(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Vision features ``[B, tokens, d]`` and the grid cell ``[tokens]`` each token lies in.
+
+    LLaVA: the CLIP tower's last hidden state without CLS (what the projector reads), one token per
+    patch. Qwen2-VL: the merged tokens (one per cell).
     """
-    import torch
-
-    if arch == "llava":
+    if hasattr(model.model, "vision_tower"):
         out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
-        feats = out.hidden_states[-1][:, 1:]
-        r, c = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
-        cells = ((r // 2) * 4 + c // 2).reshape(-1)
-        return feats, cells
-    visual = model.model.visual
-    feats = visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        return out.hidden_states[-1][:, 1:], ((r * GRID // side) * GRID + c * GRID // side).reshape(-1)
+    feats = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
     feats = getattr(feats, "pooler_output", feats)
-    feats = feats.reshape(len(inputs["image_grid_thw"]), -1, feats.shape[-1])
-    return feats, torch.arange(16)
+    return feats.reshape(len(inputs["image_grid_thw"]), -1, feats.shape[-1]), torch.arange(N_CELLS)
 
 
-def vision_loss(head, feats, labels) -> tuple["Any", "Any"]:
+def vision_loss(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed cross-entropy of the per-token targets and the accuracy of the *own digit* on occupied cells.
 
     ``feats [B, T, d]``, ``labels [B, T, 5]`` (:func:`cell_labels` gathered per token)."""
-    import torch
-
     logits = head(feats).split(TARGET_CLASSES, dim=-1)
     loss = sum(torch.nn.functional.cross_entropy(lg.reshape(-1, lg.shape[-1]), labels[..., j].reshape(-1))
                for j, lg in enumerate(logits))
@@ -106,67 +261,50 @@ def vision_loss(head, feats, labels) -> tuple["Any", "Any"]:
     return loss, correct
 
 
-def pretrain_vision(model, processor, arch, gen, steps, *, batch_size=128, lr=3e-3, seed=0, clip=1.0,
-                    progress=True, log=print) -> dict:
+def pretrain_vision(model, processor, cfg: TrainConfig, gen: DigitScenes, *, progress: bool = False,
+                    log: Callable[[str], None] = print) -> dict:
     """Stage 1: train the vision tower (and a throw-away linear head) to name, for the cell each vision
     token lies in, its digit, the digits in the cells left of and above it (11-way each: digit or
     empty/off-grid) and the cell's row and column, on fresh train-pool scenes.
 
     The analogue of starting LLaVA from a pretrained CLIP. The head is discarded; only the tower's
-    weights carry over to stage 2 (where the answer-token loss alone trains everything). Logged metric:
-    accuracy of the own-cell digit over the tokens of occupied cells.
+    weights carry over. Logged metric: accuracy of the own-cell digit over the tokens of occupied cells.
     """
-    import torch
+    tower = vision_tower(model)
+    head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(TARGET_CLASSES))
+    rng = np.random.default_rng(cfg.seed + 7)
+    accs: list[float] = []
 
-    tower = model.model.vision_tower if arch == "llava" else model.model.visual
-    feats_dim = model.config.vision_config.hidden_size
-    head = torch.nn.Linear(feats_dim, sum(TARGET_CLASSES))
-    params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(50, steps), steps))
-    rng = np.random.default_rng(seed + 7)
-    losses, accs = [], []
-    bar = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(bar, desc=f"vision pretrain {arch}", unit="step", mininterval=10, file=sys.stderr)
-    tower.train()
-    t0 = time.perf_counter()
-    for step in bar:
-        data = gen.sample(batch_size, rng)
+    def step_loss(step: int) -> torch.Tensor:
+        data = gen.sample(cfg.vision_batch_size, rng)
         pix = processor.image_processor([data.image(i) for i in range(len(data))], return_tensors="pt")
-        feats, cells = vision_features(model, arch, pix)
+        feats, cells = vision_features(model, pix)
         loss, acc = vision_loss(head, feats, cell_labels(data)[:, :, cells].transpose(1, 2))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
         accs.append(acc.item())
-        if progress:
-            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}", digit_acc=f"{np.mean(accs[-20:]):.3f}", refresh=False)
-    log(f"vision pretrain: {steps} steps, last-50 occupied-cell digit accuracy {np.mean(accs[-50:]):.3f}, "
+        return loss
+
+    t0 = time.perf_counter()
+    tower.train()
+    groups = param_groups([(p, cfg.vision_lr) for p in [*tower.parameters(), *head.parameters()]], cfg.weight_decay)
+    losses = optimise(groups, step_loss, cfg.vision_steps, warmup=cfg.vision_warmup, clip=cfg.clip,
+                      min_lr_rate=cfg.min_lr_rate, desc="vision pretrain", progress=progress)
+    log(f"vision pretrain: {cfg.vision_steps} steps, last-50 occupied-cell digit accuracy {np.mean(accs[-50:]):.3f}, "
         f"loss {np.mean(losses[-50:]):.3f}")
-    return dict(steps=steps, batch_size=batch_size, lr=lr, targets="own, left, above digit; row; column",
-                wall_time_s=round(time.perf_counter() - t0, 1),
+    return dict(steps=cfg.vision_steps, batch_size=cfg.vision_batch_size, lr=cfg.vision_lr,
+                targets="own, left, above digit; row; column", wall_time_s=round(time.perf_counter() - t0, 1),
                 final_digit_accuracy=round(float(np.mean(accs[-50:])), 4),
                 final_loss=round(float(np.mean(losses[-50:])), 4))
 
 
-def conversations(processor, data, turns: int, rng: np.random.Generator,
-                  family_weights: Sequence[float] | None = None) -> tuple[dict, "Any"]:
+# ----------------------------------------------------------------------------- question answering
+def conversations(processor, data: VQASet, turns: int, rng: np.random.Generator,
+                  family_weights: Sequence[float] | None = None) -> tuple[dict, torch.Tensor]:
     """Processor inputs of one ``turns``-turn conversation per item of ``data`` and the answer token ids.
 
     Turn 1 is the item itself (its answer drawn balanced); turns 2.. ask follow-up questions about the
     same scene (:meth:`DigitScenes.ask`, families drawn with ``family_weights``). The text is the chat
     template's, so turn 1 reads exactly like an evaluation prompt. Targets are in reading order.
     """
-    import torch
-
-    from ..tasks import QUESTION_FAMILIES, encode
-
     p = None if family_weights is None else np.asarray(family_weights, float) / np.sum(family_weights)
     texts, answers = [], []
     for question, answer, meta in zip(data.questions, data.answers, data.meta):
@@ -184,79 +322,85 @@ def conversations(processor, data, turns: int, rng: np.random.Generator,
     return encode(processor, data, texts=texts), targets
 
 
-def answer_positions(tokenizer, input_ids) -> "Any":
-    """Boolean mask of the positions whose next token is an answer: the ``:`` after ``assistant``."""
+def answer_positions(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
+    """Boolean mask ``[B, T]`` of the positions whose next token is an answer: the ``:`` after ``assistant``."""
     assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
-    hit = (input_ids == colon)
+    hit = input_ids == colon
     hit[:, 1:] &= input_ids[:, :-1] == assistant
     hit[:, 0] = False
     hit[:, -1] = False
     return hit
 
 
-def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 1200, batch_size: int = 64,
-          lr: float = 2e-3, warmup: int = 100, weight_decay: float = 0.01, clip: float = 1.0, seed: int = 0,
-          eval_every: int = 200, val_per_family: int = 30, threads: int | None = None,
-          size: ModelSize | None = None, progress: bool = True, log=print, command: str | None = None,
-          vision_steps: int = 0, vision_batch_size: int = 128, vision_lr: float = 3e-3,
-          vision_lr_mult: float = 0.1, init_from: str | Path | None = None,
-          family_weights: Sequence[float] | None = None, turns: int = 1):
+def answer_loss(model, processor, cfg: TrainConfig, gen: DigitScenes, rng: np.random.Generator) -> Callable[[int], torch.Tensor]:
+    """``step -> loss``: cross-entropy of the answer tokens of a fresh batch of conversations."""
+    def step_loss(step: int) -> torch.Tensor:
+        data = gen.sample(cfg.batch_size, rng, cfg.family_weights)
+        inputs, targets = conversations(processor, data, cfg.turns, rng, cfg.family_weights)
+        logits = model(**inputs).logits
+        positions = answer_positions(processor.tokenizer, inputs["input_ids"])
+        return torch.nn.functional.cross_entropy(logits[positions].float(), targets)
+
+    return step_loss
+
+
+# ----------------------------------------------------------------------------- the run
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def train(config: TrainConfig | str = "llava", out: str | Path | None = None, *, progress: bool = True,
+          log: Callable[[str], None] = print, command: str | None = None, **overrides):
     """Train and (if ``out``) save; returns ``(model, processor, history)``.
 
-    ``history`` is a dict with the per-step ``loss`` list and the ``validation`` log
-    (step, overall and per-family accuracy).
+    ``config`` is a :class:`TrainConfig`, or an architecture name; keyword ``overrides`` replace its
+    fields (``train("qwen2vl", steps=40, size=ModelSize(...))``). ``history`` is a dict with the
+    per-step ``loss`` list, the ``validation`` log (step, overall and per-family accuracy), the
+    stage-1 log ``vision_pretrain`` and the ``config`` as run (``threads`` filled in).
     """
-    import torch
+    cfg = TrainConfig(arch=config, **overrides) if isinstance(config, str) else replace(config, **overrides)
+    if cfg.init_from is not None:  # a continued run: the saved model's sizes, no vision pretraining
+        saved = Path(cfg.init_from) / "training.json"
+        size = ModelSize(**json.loads(saved.read_text())["size"]) if saved.exists() else cfg.size
+        cfg = replace(cfg, size=size, vision_steps=0)
+    with _threads(cfg.threads):
+        cfg = replace(cfg, threads=torch.get_num_threads())  # recorded as run
+        model, processor, history, previous = _run(cfg, progress, log)
+    history["config"] = cfg
+    if out is not None:
+        _save(model, processor, cfg, history, previous, Path(out), command)
+        log(f"saved {out} ({history['wall_time_s'] / 60:.1f} min)")
+    return model, processor, history
 
-    from ..tasks import evaluate
 
-    if arch not in ARCHS:
-        raise InputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}.")
-    if steps < 1 or batch_size < 1 or turns < 1:
-        raise InputError("steps, batch_size and turns must be positive.")
-    if threads:
-        torch.set_num_threads(int(threads))
-    set_seed(seed)
-    size = size or SIZES[arch]
-    model, processor = build(arch, size, seed=seed)
+def _run(cfg: TrainConfig, progress: bool, log: Callable[[str], None]):
+    set_seed(cfg.seed)
+    model, processor = build(cfg.arch, cfg.size, seed=cfg.seed)
     previous = None
-    if init_from is not None:
-        from transformers import AutoModelForImageTextToText
-
-        from .build import load_processor
-
-        init_from = Path(init_from)
-        model = AutoModelForImageTextToText.from_pretrained(init_from, dtype=torch.float32)
-        processor = load_processor(init_from)
-        if (init_from / "training.json").exists():
-            previous = json.loads((init_from / "training.json").read_text())
-            size = ModelSize(**previous["size"])
-        vision_steps = 0
-    tok = processor.tokenizer
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    tower = model.model.vision_tower if arch == "llava" else model.model.visual
-    in_tower = {id(p) for p in tower.parameters()}
-    groups = []
-    for is_tower in (False, True):
-        for decays in (True, False):
-            ps = [p for p in params if (id(p) in in_tower) == is_tower and (p.dim() >= 2) == decays]
-            groups.append({"params": ps, "weight_decay": weight_decay if decays else 0.0,
-                           "lr": lr * (vision_lr_mult if is_tower else 1.0)})
-    opt = torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.98), eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(min(warmup, steps), steps))
+    if cfg.init_from is not None:
+        init = Path(cfg.init_from)
+        model = AutoModelForImageTextToText.from_pretrained(init, dtype=torch.float32)
+        processor = load_processor(init)
+        if (init / "training.json").exists():
+            previous = json.loads((init / "training.json").read_text())
     train_gen = DigitScenes("train")
-    val = DigitScenes("validation").generate(val_per_family, seed=seed + 1) if val_per_family else None
-    rng = np.random.default_rng(seed)
+    val = DigitScenes("validation").generate(cfg.val_per_family, seed=cfg.seed + 1) if cfg.val_per_family else None
+    rng = np.random.default_rng(cfg.seed)
     history: dict = {"loss": [], "validation": [], "vision_pretrain": {}}
-    t0 = time.perf_counter()  # wall time covers both stages
-    if vision_steps:
-        history["vision_pretrain"] = pretrain_vision(model, processor, arch, train_gen, vision_steps,
-                                                     batch_size=vision_batch_size, lr=vision_lr, seed=seed,
-                                                     clip=clip, progress=progress, log=log)
+    model.train()
+    t0 = time.perf_counter()  # wall time covers every stage
+    if cfg.vision_steps:
+        history["vision_pretrain"] = pretrain_vision(model, processor, cfg, train_gen, progress=progress, log=log)
 
     def validate(step: int) -> None:
-        if val is None:
+        if val is None or not (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
             return
         r = evaluate(model, processor, val, batch_size=128)
         fam = {row["family"]: round(row["accuracy"], 4) for row in r.by_family.to_dict(orient="records")}
@@ -265,97 +409,45 @@ def train(arch: str = "llava", out: str | Path | None = None, *, steps: int = 12
             " ".join(f"{k}={v:.2f}" for k, v in fam.items()))
         model.train()
 
-    bar = range(steps)
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(bar, desc=f"train {arch}", unit="step", mininterval=10, file=sys.stderr)
-    for step in bar:
-        data = train_gen.sample(batch_size, rng, family_weights)
-        inputs, targets = conversations(processor, data, turns, rng, family_weights)
-        logits = model(**inputs).logits
-        positions = answer_positions(tok, inputs["input_ids"])
-        loss = torch.nn.functional.cross_entropy(logits[positions].float(), targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
-        sched.step()
-        history["loss"].append(loss.item())
-        if progress:
-            bar.set_postfix(loss=f"{np.mean(history['loss'][-20:]):.3f}", refresh=False)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            validate(step + 1)
-    validate(steps)
-    wall = time.perf_counter() - t0
+    tower = {id(p) for p in vision_tower(model).parameters()}
+    named = [(p, cfg.lr * (cfg.vision_lr_scale if id(p) in tower else 1.0)) for p in model.parameters() if p.requires_grad]
+    history["loss"] = optimise(param_groups(named, cfg.weight_decay), answer_loss(model, processor, cfg, train_gen, rng),
+                               cfg.steps, warmup=cfg.warmup, clip=cfg.clip, min_lr_rate=cfg.min_lr_rate,
+                               desc=f"train {cfg.arch}", progress=progress, after_step=validate)
+    history["wall_time_s"] = round(time.perf_counter() - t0, 1)
     model.eval()
-    history["wall_time_s"] = round(wall, 1)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out)
-        save_processor(processor, out)
-        meta = dict(
-            arch=arch, command=command, seed=seed, steps=steps, batch_size=batch_size, turns=turns, lr=lr, warmup=warmup,
-            init_from=str(init_from) if init_from else None, previous=previous,
-            family_weights=None if family_weights is None else dict(zip(train_gen.families, family_weights)),
-            weight_decay=weight_decay, clip=clip, vision_lr_mult=vision_lr_mult, vision_pretrain=history["vision_pretrain"], schedule="linear warm-up, cosine decay to 10%",
-            optimizer="AdamW(betas=(0.9, 0.98))", size=size.to_dict(),
-            parameters=int(sum(p.numel() for p in model.parameters())),
-            wall_time_s=round(wall, 1), threads=torch.get_num_threads(), machine=platform.machine(),
-            processor=platform.processor() or None, torch=torch.__version__,
-            transformers=__import__("transformers").__version__,
-            final_loss=float(np.mean(history["loss"][-50:])), validation=history["validation"],
-            loss_every_50=[round(float(np.mean(history["loss"][i:i + 50])), 4)
-                           for i in range(0, len(history["loss"]), 50)],
-        )
-        (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
-        log(f"saved {out} ({wall / 60:.1f} min)")
-    return model, processor, history
+    return model, processor, history, previous
+
+
+def _save(model, processor, cfg: TrainConfig, history: dict, previous, out: Path, command: str | None) -> None:
+    """``save_pretrained`` output plus ``training.json``: the config's fields at top level, then the logs."""
+    import transformers
+
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    save_processor(processor, out)
+    loss = history["loss"]
+    meta = dict(
+        cfg.to_dict(), command=command, previous=previous, vision_pretrain=history["vision_pretrain"],
+        schedule=f"linear warm-up, cosine decay to {cfg.min_lr_rate:.0%}", optimizer="AdamW(betas=(0.9, 0.98))",
+        parameters=int(sum(p.numel() for p in model.parameters())), wall_time_s=history["wall_time_s"],
+        machine=platform.machine(), processor=platform.processor() or None,
+        torch=torch.__version__, transformers=transformers.__version__, final_loss=float(np.mean(loss[-50:])),
+        validation=history["validation"],
+        loss_every_50=[round(float(np.mean(loss[i:i + 50])), 4) for i in range(0, len(loss), 50)],
+    )
+    (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m skipit_core.zoo.train", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--arch", choices=ARCHS, default="llava")
     ap.add_argument("--out", required=True, help="folder to save_pretrained into (e.g. data/models/digits-llava)")
-    ap.add_argument("--steps", type=int, default=1200)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--weight-decay", type=float, default=0.01)
-    ap.add_argument("--clip", type=float, default=1.0)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=200)
-    ap.add_argument("--val-per-family", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--vision-steps", type=int, default=300, help="stage-1 vision pretraining steps (0: none)")
-    ap.add_argument("--vision-batch-size", type=int, default=128)
-    ap.add_argument("--vision-lr", type=float, default=3e-3)
-    ap.add_argument("--vision-lr-mult", type=float, default=0.1, help="stage-2 lr of the vision tower / --lr")
-    for name, value in ModelSize().to_dict().items():
-        if isinstance(value, int):
-            ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=None)
-    ap.add_argument("--init-from", default=None, help="continue training a saved model (no vision pretraining)")
-    ap.add_argument("--family-weights", default=None,
-                    help="comma-separated sampling weights of the families cell,count,present,largest,smallest,left,above")
-    ap.add_argument("--turns", type=int, default=1,
-                    help="questions per training conversation about one image (1: single-question prompts)")
-    ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    TrainConfig.add_arguments(ap)
     args = ap.parse_args(argv)
-    base = SIZES[args.arch].to_dict()
-    for name in list(base):
-        v = getattr(args, name, None)
-        if v is not None:
-            base[name] = v
     command = "python -m skipit_core.zoo.train " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
-    train(args.arch, args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-          weight_decay=args.weight_decay, clip=args.clip, seed=args.seed, eval_every=args.eval_every,
-          val_per_family=args.val_per_family, threads=args.threads, size=ModelSize(**base),
-          progress=not args.no_progress, log=lambda s: print(s, flush=True), command=command,
-          vision_steps=args.vision_steps, vision_batch_size=args.vision_batch_size, vision_lr=args.vision_lr,
-          vision_lr_mult=args.vision_lr_mult, init_from=args.init_from,
-          family_weights=None if args.family_weights is None else [float(x) for x in args.family_weights.split(",")],
-          turns=args.turns)
+    train(TrainConfig.from_args(args), args.out, progress=not args.no_progress,
+          log=lambda s: print(s, flush=True), command=command)
 
 
 if __name__ == "__main__":
