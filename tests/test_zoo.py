@@ -386,3 +386,39 @@ def test_schedule_is_transformers_cosine_with_min_lr():
         assert lrs[0] == 0.0
         assert all(abs(lrs[s] - old(s - 1, warmup, total)) < 1e-12 for s in range(1, warmup))
         assert all(abs(lrs[s] - old(s, warmup, total)) < 1e-12 for s in range(warmup, total))
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_card_commands_are_portable_and_still_parse(name):
+    import argparse
+    import shlex
+
+    from skipit_core.zoo.card import portable
+    from skipit_core.zoo.train import TrainConfig
+
+    _, _, card = _stored(name)
+    commands = [line for line in card.splitlines() if line.startswith("python -m skipit_core.zoo.train")]
+    assert commands
+    for line in commands:
+        assert re.findall(r"--(?:out|init-from) (\S+)", line) and \
+            set(re.findall(r"--(?:out|init-from) (\S+)", line)) == {f"data/models/{name}"}
+        ap = argparse.ArgumentParser()
+        ap.add_argument("--out")
+        ap.add_argument("--no-progress", action="store_true")
+        TrainConfig.add_arguments(ap)
+        TrainConfig.from_args(ap.parse_args(shlex.split(line)[3:]))  # every flag of the record still exists
+    assert "/tmp" not in card and "/work" not in card
+    assert portable("x --out /tmp/a --init-from=/scratch/b --lr 1", "m") == \
+        "x --out data/models/m --init-from data/models/m --lr 1"
+
+
+def test_image_only_qwen_processor_leaves_the_class_alone():
+    from transformers.processing_utils import ProcessorMixin
+
+    from skipit_core.zoo.build import build_processor
+
+    before = ProcessorMixin.__dict__["check_argument_for_proper_class"]
+    processor = build_processor("qwen2vl")
+    assert ProcessorMixin.__dict__["check_argument_for_proper_class"] is before
+    assert "check_argument_for_proper_class" not in vars(processor)
+    assert type(processor).__name__ == "Qwen2VLProcessor"

@@ -16,7 +16,6 @@ The tokenizer adds ``<s>`` in front; the answer is the next token.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 
 from ..errors import InputError
@@ -110,26 +109,6 @@ def has_torchvision() -> bool:
     return True
 
 
-@contextmanager
-def _without_video_processor():
-    """Let ``Qwen2VLProcessor`` be built with ``video_processor=None`` (transformers' video processors
-    need torchvision; images do not). Scoped: the class check is restored on exit."""
-    from transformers.processing_utils import ProcessorMixin
-
-    original = ProcessorMixin.check_argument_for_proper_class
-
-    def check(self, name, arg):
-        if name == "video_processor" and arg is None:
-            return None
-        return original(self, name, arg)
-
-    ProcessorMixin.check_argument_for_proper_class = check
-    try:
-        yield
-    finally:
-        ProcessorMixin.check_argument_for_proper_class = original
-
-
 def qwen_processor(image_processor, tokenizer, template: str):
     """A ``Qwen2VLProcessor``; with torchvision it has its video processor, without it none (images only)."""
     import transformers as tf
@@ -138,9 +117,18 @@ def qwen_processor(image_processor, tokenizer, template: str):
         video = tf.Qwen2VLVideoProcessor(**{k: v for k, v in QWEN_IMAGE.items() if k not in ("min_pixels", "max_pixels")})
         return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
                                    chat_template=template)
-    with _without_video_processor():
-        return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
-                                   chat_template=template)
+    # transformers' video processors need torchvision, images do not: let this one instance take
+    # video_processor=None (its class check is shadowed on the instance during __init__ only)
+    processor = tf.Qwen2VLProcessor.__new__(tf.Qwen2VLProcessor)
+    check = processor.check_argument_for_proper_class
+    processor.check_argument_for_proper_class = lambda name, arg: None if name == "video_processor" and arg is None \
+        else check(name, arg)
+    try:
+        processor.__init__(image_processor=image_processor, tokenizer=tokenizer, video_processor=None,
+                           chat_template=template)
+    finally:
+        del processor.check_argument_for_proper_class
+    return processor
 
 
 def video_processor_dict() -> dict:
@@ -245,7 +233,6 @@ def build_model(arch: str, tokenizer, size: ModelSize | None = None, seed: int =
         head_dim = s.hidden // s.heads
         # M-RoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections
         half = head_dim // 2
-        section = [half - 2 * (half // 4) * 1, half // 4, half // 4]
         section = [half // 2, half // 4, half - half // 2 - half // 4]
         cfg = tf.Qwen2VLConfig(
             vision_config=dict(depth=s.vision_layers, embed_dim=s.vision_hidden, hidden_size=s.hidden,

@@ -5,20 +5,21 @@
 Loads the folder with ``AutoProcessor`` / ``AutoModelForImageTextToText``, evaluates it on the frozen
 DigitScenes test split (and on blank images), writes ``eval.json`` (every number) and ``README.md``
 (generated from ``eval.json`` and ``training.json``). The tests re-run :func:`evaluation` and compare
-with ``eval.json`` exactly.
+with ``eval.json`` exactly. ``--readme-only`` rewrites ``README.md`` from the stored ``eval.json``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 from typing import Sequence
 
 from .train import TrainConfig
 
-__all__ = ["EVAL_BATCH_SIZE", "evaluation", "write_card", "main"]
+__all__ = ["EVAL_BATCH_SIZE", "evaluation", "write_card", "portable", "main"]
 
 EVAL_BATCH_SIZE = 64
 
@@ -57,11 +58,21 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
-    """Evaluate, then write ``eval.json`` and ``README.md`` into ``path``."""
+def portable(command: str, name: str) -> str:
+    """``command`` with every ``--out`` / ``--init-from`` folder written as ``data/models/<name>`` (runs of a
+    chain continue one another in that folder; scratch folders of the machine that trained it are not shown)."""
+    return re.sub(r"--(out|init-from)[ =]\S+", lambda m: f"--{m.group(1)} data/models/{name}", command)
+
+
+def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE, *, evaluate: bool = True) -> Path:
+    """Evaluate, then write ``eval.json`` and ``README.md`` into ``path``; ``evaluate=False`` writes the
+    README from the stored ``eval.json`` (same numbers, no re-evaluation)."""
     path = Path(path)
-    ev = evaluation(path, batch_size)
-    (path / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
+    if evaluate:
+        ev = evaluation(path, batch_size)
+        (path / "eval.json").write_text(json.dumps(ev, indent=1) + "\n")
+    else:
+        ev = json.loads((path / "eval.json").read_text())
     tr_file = path / "training.json"
     tr = json.loads(tr_file.read_text()) if tr_file.exists() else {}
     cfg = json.loads((path / "config.json").read_text())
@@ -80,13 +91,10 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> Path:
         t = t.get("previous")
     chain.reverse()
     vp = (chain[0].get("vision_pretrain") if chain else None) or {}
-    commands = "\n".join(str(c.get("command")) for c in chain) or "(training.json missing)"
+    commands = "\n".join(portable(str(c.get("command")), name) for c in chain) or "(training.json missing)"
     total_wall = sum(c.get("wall_time_s", 0.0) for c in chain)
-    outs = [str(c.get("command", "")).split("--out ")[-1].split(" ")[0] for c in chain]
-    scratch = [o for o in outs if o and not o.rstrip("/").endswith(name)]
-    scratch_note = (f"Runs that wrote to a scratch folder ({', '.join(scratch)}) were copied to "
-                    f"`data/models/{name}` before the next run; to reproduce, give them `--out data/models/{name}`. "
-                    if scratch else "")
+    chain_note = (f"Each run after the first continues the one before it (`--init-from data/models/{name}`); run "
+                  "the commands in order. " if len(chain) > 1 else "")
     weights_note = ("Runs with `--family-weights` sample the families cell, count, present, largest, smallest, "
                     "left, above with those weights (evaluation stays balanced). The over-sampled families need "
                     "the question and the image *combined* (a position or a digit named in the question, looked "
@@ -145,7 +153,7 @@ vision-tower pretraining (per vision token, for the grid cell it lies in: {targe
 starting from a pretrained CLIP; that head is discarded). Total wall time
 {total_wall / 60:.1f} min (vision pretraining included) on {threads_text} of a 2-core machine, torch {tr.get('torch')},
 transformers {tr.get('transformers')}. Full logs (validation accuracy during training) are in `training.json`.
-{scratch_note}{weights_note}
+{chain_note}{weights_note}
 
 ## Evaluation (frozen test split, n = {ev['n']})
 
@@ -174,8 +182,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m skipit_core.zoo.card", description=__doc__.split("\n\n")[0])
     ap.add_argument("path")
     ap.add_argument("--batch-size", type=int, default=EVAL_BATCH_SIZE)
+    ap.add_argument("--readme-only", action="store_true",
+                    help="rewrite README.md from the stored eval.json (no re-evaluation)")
     args = ap.parse_args(argv)
-    out = write_card(args.path, args.batch_size)
+    out = write_card(args.path, args.batch_size, evaluate=not args.readme_only)
     ev = json.loads((Path(args.path) / "eval.json").read_text())
     print(f"wrote {out}: test accuracy {ev['accuracy']:.4f} (n={ev['n']}), blank {ev['blank']['accuracy']:.4f}")
 
