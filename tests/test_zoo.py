@@ -422,3 +422,46 @@ def test_image_only_qwen_processor_leaves_the_class_alone():
     assert ProcessorMixin.__dict__["check_argument_for_proper_class"] is before
     assert "check_argument_for_proper_class" not in vars(processor)
     assert type(processor).__name__ == "Qwen2VLProcessor"
+
+
+@pytest.mark.parametrize("model_id, message", [
+    ("digits-lava", r"unknown model 'digits-lava'.*Bundled models: digits-llava, digits-qwen2vl\. Did you mean 'digits-llava'"),
+    ("/does/not/exist", r"no folder at /does/not/exist\. Bundled models: digits-llava, digits-qwen2vl"),
+    ("data/digits-qwen2v", r"no folder at data/digits-qwen2v.*Did you mean 'digits-qwen2vl'"),
+    (str(DATA / "models" / "digits-llava" / "config.json"), r"is a file, not a model folder.*Bundled models"),
+])
+def test_load_vlm_fails_at_once_on_a_name_it_cannot_find(model_id, message, monkeypatch):
+    import time
+
+    from skipit_core.errors import InputError
+    from skipit_core.zoo import load_vlm
+
+    monkeypatch.chdir(DATA.parent)
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=message):
+        load_vlm(model_id)
+    assert time.perf_counter() - t0 < 0.5
+
+
+def test_hub_ids_go_to_the_hub_only_when_cached_or_reachable(tmp_path, monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from skipit_core.errors import InputError
+    from skipit_core.zoo import ModelSource, load_vlm, resolve_model
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    with pytest.raises(InputError, match=r"not in the local Hugging Face cache and HF_HUB_OFFLINE is set.*hf download"):
+        load_vlm("skipit-tests/no-such-model")
+    assert time.perf_counter() - t0 < 0.5
+    snapshot = tmp_path / "models--skipit-tests--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (tmp_path / "models--skipit-tests--cached" / "refs").mkdir()
+    (tmp_path / "models--skipit-tests--cached" / "refs" / "main").write_text("0" * 40)
+    assert resolve_model("skipit-tests/cached") == ModelSource("hub", "skipit-tests/cached", local_only=True)
+    assert resolve_model("digits-llava") == ModelSource("zoo", "digits-llava")
+    assert resolve_model(str(DATA / "models" / "digits-llava")).kind == "folder"

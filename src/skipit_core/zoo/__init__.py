@@ -22,13 +22,16 @@ torchvision; where it is missing, :func:`skipit_core.zoo.build.load_processor` a
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import SkipitError
+from ..errors import InputError, SkipitError
 from ..paths import ENV, data_dir, models_dir
 
-__all__ = ["MODELS", "data_dir", "model_path", "load_tiny_vlm", "load_vlm"]
+__all__ = ["MODELS", "data_dir", "model_path", "load_tiny_vlm", "load_vlm", "resolve_model", "ModelSource"]
 
 MODELS = ("digits-llava", "digits-qwen2vl")
 
@@ -39,8 +42,7 @@ def model_path(name: str = "digits-llava", path: str | os.PathLike | None = None
         p = Path(path).expanduser()
     else:
         if name not in MODELS:
-            raise SkipitError(f"unknown zoo model {name!r}; choose from {', '.join(MODELS)} "
-                              "or pass path= to a saved folder.")
+            raise InputError(f"unknown zoo model {name!r}; pass path= to a saved folder. {_bundled(str(name))}")
         p = models_dir() / name
     if not (p / "config.json").exists():
         raise SkipitError(
@@ -70,6 +72,98 @@ def load_tiny_vlm(name: str = "digits-llava", path: str | os.PathLike | None = N
     return model.to(device).eval(), processor
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
+HUB_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where :func:`load_vlm` loads ``model_id`` from: ``kind`` is ``"zoo"`` (a bundled name),
+    ``"folder"`` (a saved folder) or ``"hub"`` (a Hugging Face id; ``local_only``: from the cache)."""
+
+    kind: str
+    where: str | Path
+    local_only: bool = True
+
+
+def _bundled(hint: str = "") -> str:
+    close = difflib.get_close_matches(hint, MODELS, n=1, cutoff=0.6) if hint else []
+    guess = f" Did you mean {close[0]!r}?" if close else ""
+    return f"Bundled models: {', '.join(MODELS)}.{guess}"
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` as set now (or when huggingface_hub was imported)."""
+    from huggingface_hub import constants
+
+    flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
+
+
+def _hub_cached(model_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
+
+
+def resolve_model(model_id: str) -> ModelSource:
+    """Where ``model_id`` is, decided at once (at most one hub query of ``HUB_TIMEOUT_S`` seconds).
+
+    A bundled name, then an existing folder, then a Hugging Face id: ``org/name`` (where no local folder
+    ``org`` exists, else it is a missing path) goes to the hub when its
+    ``config.json`` is in the local cache or the hub answers that the repository exists; a bare name only
+    when cached. Anything else raises :class:`InputError` naming the bundled models and the closest one.
+    """
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise InputError(f"model_id must be a string or a path; got {type(model_id).__name__}. {_bundled()}")
+    text = str(model_id)
+    if text in MODELS:
+        return ModelSource("zoo", text)
+    p = Path(text).expanduser()
+    if p.is_dir():
+        return ModelSource("folder", p)
+    if p.exists():
+        raise InputError(f"{text} is a file, not a model folder; pass the folder that holds config.json "
+                         f"(e.g. {p.parent}). {_bundled()}")
+    if HUB_ID.match(text) and not text.startswith((".", "~")) and not p.parent.is_dir():
+        return _hub_source(text)  # org/name, and no local folder "org" it could be a path into
+    if os.sep in text or text.startswith((".", "~")):
+        raise InputError(f"no folder at {text}. {_bundled(p.name)}")
+    if _hub_cached(text):
+        return ModelSource("hub", text)
+    raise InputError(f"unknown model {text!r}: not a bundled model, not a folder, and not a Hugging Face id "
+                     f"(org/name) in the local cache. {_bundled(text)}")
+
+
+def _hub_source(model_id: str) -> ModelSource:
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    cached = _hub_cached(model_id)
+    if _hub_offline():
+        if cached:
+            return ModelSource("hub", model_id)
+        raise InputError(f"{model_id!r} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+                         f"download it where the hub is reachable (`hf download {model_id}`), or unset "
+                         f"HF_HUB_OFFLINE. {_bundled()}")
+    try:
+        HfApi().model_info(model_id, timeout=HUB_TIMEOUT_S)
+    except GatedRepoError:
+        return ModelSource("hub", model_id, local_only=cached)  # exists; transformers explains the access
+    except RepositoryNotFoundError:
+        if cached:
+            return ModelSource("hub", model_id)
+        raise InputError(f"{model_id!r} is not on the Hugging Face hub (or is private: log in with "
+                         f"`hf auth login`). {_bundled(model_id.split('/')[-1])}") from None
+    except Exception as exc:  # no network, DNS, proxy, timeout, server error
+        if cached:
+            return ModelSource("hub", model_id)
+        raise InputError(f"the Hugging Face hub is not reachable ({type(exc).__name__}: {exc}) and {model_id!r} "
+                         f"is not in the local cache: connect, or download it elsewhere and copy the cache "
+                         f"(`hf download {model_id}`), or pass a local folder. {_bundled()}") from None
+    return ModelSource("hub", model_id, local_only=False)
+
+
 def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype=None):
     """``(model, processor)`` for any ``model_id`` a chapter's parameters cell may name.
 
@@ -77,18 +171,21 @@ def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype
     folder or a Hugging Face id (``llava-hf/llava-1.5-7b-hf``, ``Qwen/Qwen2-VL-2B-Instruct`` ...) goes
     through ``AutoProcessor`` / ``AutoModelForImageTextToText`` with ``dtype`` (default: bfloat16 on a
     GPU, float32 on the CPU) on ``device`` (default: CUDA when available). The model is in eval mode.
+    Where ``model_id`` is gets decided first (:func:`resolve_model`): a typo, a missing folder or an id
+    that is neither cached nor on a reachable hub raises :class:`InputError` at once.
     """
+    source = resolve_model(model_id)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # keep notebook outputs to what the chapter shows
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if model_id in MODELS:
-        return load_tiny_vlm(model_id, device=device, dtype=dtype)
-    if Path(model_id).expanduser().is_dir():
-        return load_tiny_vlm(path=model_id, device=device, dtype=dtype)
+    if source.kind == "zoo":
+        return load_tiny_vlm(str(source.where), device=device, dtype=dtype)
+    if source.kind == "folder":
+        return load_tiny_vlm(path=source.where, device=device, dtype=dtype)
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    processor = AutoProcessor.from_pretrained(model_id)
-    model = AutoModelForImageTextToText.from_pretrained(model_id, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(source.where, local_files_only=source.local_only)
+    model = AutoModelForImageTextToText.from_pretrained(source.where, dtype=dtype, local_files_only=source.local_only)
     return model.to(device).eval(), processor
