@@ -216,7 +216,7 @@ def tiny_llava():
 
     size = ModelSize(hidden=32, layers=2, heads=2, kv_heads=2, intermediate=64, vision_hidden=32,
                      vision_layers=1, vision_heads=2, vision_intermediate=64)
-    model, processor = build("llava", size, seed=0)
+    model, processor = build("llava", size, seed=0, layout="question-first")  # the shipped folders' layout
     return model.eval(), processor
 
 

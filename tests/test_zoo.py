@@ -355,11 +355,15 @@ def test_training_json_holds_the_config(tmp_path):
 
     from skipit_core.zoo.train import TrainConfig, train
 
-    cfg = TrainConfig(arch="llava", size=TINY, steps=2, batch_size=4, warmup=1, vision_steps=1, vision_batch_size=4,
-                      eval_every=0, val_per_family=0, family_weights=(1, 1, 1, 1, 1, 2, 2))
+    cfg = TrainConfig(arch="qwen2vl", size=TINY, steps=2, batch_size=4, warmup=1, vision_steps=1, vision_batch_size=4,
+                      align_steps=1, eval_every=0, val_per_family=1, family_weights=(1, 1, 1, 1, 1, 2, 2))
     _, _, history = train(cfg, tmp_path, progress=False, log=lambda s: None)
     assert history["config"] == dataclasses.replace(cfg, threads=torch.get_num_threads())
-    assert TrainConfig.from_dict(json.loads((tmp_path / "training.json").read_text())) == history["config"]
+    record = json.loads((tmp_path / "training.json").read_text())
+    assert TrainConfig.from_dict(record) == history["config"]
+    assert record["prompt_layout"] == "image-first" and record["prompt"].startswith("<|im_start|>user")
+    assert [v["stage"] for v in record["validation"]] == ["align", "full"] and record["align"]["steps"] == 1
+    assert record["validation"][0]["train_time_s"] <= record["validation"][1]["train_time_s"] <= record["wall_time_s"]
 
 
 def test_schedule_is_transformers_cosine_with_min_lr():
@@ -465,3 +469,80 @@ def test_hub_ids_go_to_the_hub_only_when_cached_or_reachable(tmp_path, monkeypat
     assert resolve_model("skipit-tests/cached") == ModelSource("hub", "skipit-tests/cached", local_only=True)
     assert resolve_model("digits-llava") == ModelSource("zoo", "digits-llava")
     assert resolve_model(str(DATA / "models" / "digits-llava")).kind == "folder"
+
+
+REAL_LAYOUTS = {  # what LLaVA-1.5 and Qwen2-VL prompts look like, {q} the question
+    "llava": "USER: <image>\n{q} ASSISTANT:",
+    "qwen2vl": "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{q}<|im_end|>\n<|im_start|>assistant\n",
+}
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_new_models_read_the_image_first_in_their_familys_template(arch):
+    from skipit_core.tasks import build_prompts
+    from skipit_core.zoo.build import build_processor, prompt_layout
+
+    processor = build_processor(arch)
+    q = "which digit is left of the 3 ?"
+    assert build_prompts(processor, [q]) == [REAL_LAYOUTS[arch].format(q=q)]
+    assert prompt_layout(build_prompts(processor, ["{question}"])[0]) == "image-first"
+    data = DigitScenes("validation").generate(1, seed=2)
+    ids = encode(processor, data)["input_ids"]
+    tok = processor.tokenizer
+    assert not (ids == tok.unk_token_id).any()
+    image = ids == tok.convert_tokens_to_ids(processor.image_token)
+    assert (image.sum(1) == TOKENS[f"digits-{arch}"]).all()
+    for row in range(len(data)):  # the question's first word comes after every vision token
+        first_word = (ids[row] == tok.convert_tokens_to_ids(data.questions[row].split()[0])).nonzero().min()
+        assert image[row].nonzero().max() < first_word
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_folders_keep_their_question_first_layout(name):
+    from skipit_core.tasks import build_prompts
+    from skipit_core.zoo.build import chat_template, prompt_layout
+    from skipit_core.zoo.train import TrainConfig
+
+    folder, stored, _ = _stored(name)
+    processor = load_processor(folder)
+    assert prompt_layout(build_prompts(processor, ["{question}"])[0]) == "question-first"
+    assert prompt_layout(stored["prompt"]) == "question-first"
+    arch = "qwen2vl" if "qwen" in name else "llava"
+    assert processor.chat_template == chat_template(arch, "question-first")  # rebuildable as shipped
+    assert TrainConfig.from_dict(json.loads((folder / "training.json").read_text())).layout == "question-first"
+
+
+def _snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _changed(model, before: dict) -> set:
+    return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+
+UNUSED = ("model.vision_tower.post_layernorm.",)  # LLaVA reads CLIP's hidden state before it
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2vl"])
+def test_each_training_stage_trains_only_its_parts(arch):
+    from skipit_core.zoo.train import TrainConfig, align, finetune, model_parts, pretrain_vision
+
+    cfg = TrainConfig(arch=arch, size=TINY, vision_steps=2, vision_batch_size=4, align_steps=2, steps=2,
+                      batch_size=4, warmup=1, vision_warmup=1)
+    model, processor = build(arch, TINY, seed=0)
+    parts = {k: {n for n, _ in v} for k, v in model_parts(model).items()}
+    assert set().union(*parts.values()) == {n for n, _ in model.named_parameters()}
+    assert sum(map(len, parts.values())) == len(list(model.parameters())) and all(parts.values())
+    gen, rng = DigitScenes("train"), np.random.default_rng(0)
+
+    def run(stage, trained: set[str]):
+        before = _snapshot(model)
+        stage()
+        changed = _changed(model, before)
+        assert changed <= trained, sorted(changed - trained)  # every other parameter bit-identical
+        assert trained - changed <= {n for n in trained if n.startswith(UNUSED)}, sorted(trained - changed)
+        assert all(p.requires_grad for p in model.parameters())  # freezing is undone
+
+    run(lambda: pretrain_vision(model, processor, cfg, gen, log=lambda s: None), parts["vision"])
+    run(lambda: align(model, processor, cfg, gen, rng), parts["projector"])
+    run(lambda: finetune(model, processor, cfg, gen, rng), set().union(*parts.values()))

@@ -8,7 +8,10 @@ Two models answer :class:`skipit_core.tasks.DigitScenes` questions:
   tokens, one per grid cell; Qwen2 backbone of 12 decoder layers).
 
 Each lives in ``data/models/<name>/`` as safetensors + configs + a word-level tokenizer + processor,
-saved with ``save_pretrained`` and loaded exactly as a reader loads ``llava-hf/llava-1.5-7b-hf``::
+saved with ``save_pretrained`` and loaded exactly as a reader loads ``llava-hf/llava-1.5-7b-hf``. How a
+model is prompted is its folder's ``chat_template.jinja``: models built now read the image first, in
+their family's real template; the two folders shipped so far read the question first (their cards say
+which; :func:`skipit_core.zoo.build.prompt_layout`)::
 
     from transformers import AutoModelForImageTextToText, AutoProcessor
     processor = AutoProcessor.from_pretrained("data/models/digits-llava")

@@ -5,13 +5,21 @@ Everything is a stock ``transformers`` class (``PreTrainedTokenizerFast``, ``CLI
 / ``Qwen2VLForConditionalGeneration``), so the saved folder loads with ``AutoProcessor`` and
 ``AutoModelForImageTextToText`` and no custom code.
 
-Prompt format (the chat template shipped with each processor; :func:`skipit_core.tasks.build_prompts`
-applies it)::
+The prompt layout is the chat template saved with each processor (``chat_template.jinja``), which
+:func:`skipit_core.tasks.build_prompts` applies, so a folder says how it is prompted. New models are
+built ``image-first``, with their family's real layout; the folders shipped before are
+``question-first`` and keep loading with their own template::
 
-    USER: {question} <image> ASSISTANT:                                    (digits-llava)
-    USER: {question} <|vision_start|><|image_pad|><|vision_end|> ASSISTANT:  (digits-qwen2vl)
+    image-first (default)
+    USER: <image>\n{question} ASSISTANT:                                                    (llava)
+    <|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{question}<|im_end|>\n<|im_start|>assistant\n  (qwen2vl)
 
-The tokenizer adds ``<s>`` in front; the answer is the next token.
+    question-first (the folders shipped before)
+    USER: {question} <image> ASSISTANT:
+    USER: {question} <|vision_start|><|image_pad|><|vision_end|> ASSISTANT:
+
+The processor expands the image token to 64 (LLaVA) / 16 (Qwen2-VL) vision tokens; the tokenizer adds
+``<s>`` in front and drops newlines; the answer is the next token.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from ..errors import InputError
 from ..tasks import CANVAS, VOCABULARY
 
-__all__ = ["ARCHS", "ModelSize", "SIZES", "build_tokenizer", "build_processor", "build_model", "build"]
+__all__ = ["ARCHS", "LAYOUTS", "ModelSize", "SIZES", "chat_template", "prompt_layout", "answer_cue", "build_tokenizer",
+           "build_processor", "build_model", "build", "save_processor", "load_processor"]
 
 ARCHS = ("llava", "qwen2vl")
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -35,22 +44,75 @@ IMAGE_MEAN = [0.5, 0.5, 0.5]
 IMAGE_STD = [0.5, 0.5, 0.5]
 
 
-def chat_template(arch: str) -> str:
-    """``USER: {question} <image> ASSISTANT:``: the question comes first, then the image, whatever the
-    order of the message's parts (LLaVA's instruction data has both orders; question-first lets the
-    vision tokens read the question, which a 12-layer model trained for minutes on a CPU needs)."""
-    block = IMAGE_BLOCK[arch]
-    return (
-        "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'image' %} " + block + "{% endif %}{% endfor %}"
-        "{% endif %} "
-        "{% elif message['role'] == 'assistant' %}ASSISTANT: "
-        "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
-        "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
-        "{% endif %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-    )
+LAYOUTS = ("image-first", "question-first")
+CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]  # Qwen's turn markers (image-first qwen2vl only)
+
+_QUESTION_FIRST = (
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %} BLOCK{% endif %}{% endfor %}"
+    "{% endif %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_LLAVA_IMAGE_FIRST = (  # LLaVA-1.5: the images of a turn, then its text
+    "{% for message in messages %}{% if message['role'] == 'user' %}USER: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{{ '\\n' }}{% endif %}{% endfor %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %} "
+    "{% elif message['role'] == 'assistant' %}ASSISTANT: "
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+_QWEN_IMAGE_FIRST = (  # Qwen2-VL's ChatML: parts in the order given (build_prompts puts the image first)
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}{{ '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}<|im_end|>{{ '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant{{ '\\n' }}{% endif %}"
+)
+
+
+def chat_template(arch: str, layout: str = "image-first") -> str:
+    """The chat template of ``arch`` in ``layout`` (see the module docstring).
+
+    ``image-first`` is each family's real layout: every question token can read the image.
+    ``question-first`` (``USER: {question} <image> ASSISTANT:``, whatever the order of the message's
+    parts) is the layout of the folders shipped before; kept so they can be rebuilt and compared.
+    """
+    _check_arch(arch)
+    _check_layout(layout)
+    if layout == "question-first":
+        return _QUESTION_FIRST.replace("BLOCK", IMAGE_BLOCK[arch])
+    return _LLAVA_IMAGE_FIRST if arch == "llava" else _QWEN_IMAGE_FIRST
+
+
+def _check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise InputError(f"unknown prompt layout {layout!r}; choose from {', '.join(LAYOUTS)}.")
+
+
+def prompt_layout(prompt: str, question: str = "{question}") -> str:
+    """``"image-first"`` or ``"question-first"``: where the image sits in a prompt rendered for ``question``
+    (e.g. ``build_prompts(processor, ["{question}"])[0]``, the ``prompt`` of a card's ``eval.json``)."""
+    image = min((i for i in (prompt.find(t) for t in ("<image>", "<|vision_start|>", "<|image_pad|>")) if i >= 0),
+                default=-1)
+    if image < 0 or question not in prompt:
+        raise InputError(f"cannot place the image and the question in the prompt {prompt!r}.")
+    return "image-first" if image < prompt.find(question) else "question-first"
+
+
+def answer_cue(tokenizer) -> tuple[int, int]:
+    """The two token ids right before every answer in the zoo templates: ``assistant :`` (``ASSISTANT:``),
+    or ``<|im_start|> assistant`` in ChatML (a tokenizer that has ``<|im_start|>``)."""
+    chatml = tokenizer.convert_tokens_to_ids("<|im_start|>") not in (None, tokenizer.unk_token_id)
+    return tuple(tokenizer.convert_tokens_to_ids(["<|im_start|>", "assistant"] if chatml else ["assistant", ":"]))
 
 
 def _check_arch(arch: str) -> None:
@@ -58,20 +120,23 @@ def _check_arch(arch: str) -> None:
         raise InputError(f"unknown architecture {arch!r}; choose from {', '.join(ARCHS)}.")
 
 
-def build_tokenizer(arch: str = "llava"):
+def build_tokenizer(arch: str = "llava", layout: str = "image-first"):
     """A word-level ``PreTrainedTokenizerFast``: lower-casing, split on whitespace and punctuation,
-    vocabulary = special tokens + image tokens + chat words + the DigitScenes words; ``<s>`` prepended."""
+    vocabulary = special tokens + image tokens (+ ChatML turn markers for image-first Qwen2-VL) + chat
+    words + the DigitScenes words; ``<s>`` prepended."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
 
     _check_arch(arch)
-    words = SPECIAL + IMAGE_TOKENS[arch] + CHAT_WORDS + [w for w in VOCABULARY if w not in CHAT_WORDS]
+    _check_layout(layout)
+    special = SPECIAL + IMAGE_TOKENS[arch] + (CHATML_TOKENS if (arch, layout) == ("qwen2vl", "image-first") else [])
+    words = special + CHAT_WORDS + [w for w in VOCABULARY if w not in CHAT_WORDS]
     vocab = {w: i for i, w in enumerate(words)}
     tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.add_special_tokens(SPECIAL + IMAGE_TOKENS[arch])
+    tok.add_special_tokens(special)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
                                                        special_tokens=[("<s>", vocab["<s>"])])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -80,21 +145,21 @@ def build_tokenizer(arch: str = "llava"):
     return fast
 
 
-def build_processor(arch: str = "llava"):
-    """The processor of ``arch``: 64x64 images stay 64x64; image tokens expand to 64 (LLaVA) / 16 (Qwen2-VL)."""
+def build_processor(arch: str = "llava", layout: str = "image-first"):
+    """The processor of ``arch`` with the chat template of ``layout``: 64x64 images stay 64x64; image
+    tokens expand to 64 (LLaVA) / 16 (Qwen2-VL)."""
     import transformers as tf
 
-    _check_arch(arch)
-    tokenizer = build_tokenizer(arch)
+    tokenizer = build_tokenizer(arch, layout)
     if arch == "llava":
         image_processor = tf.CLIPImageProcessor(
             size={"shortest_edge": CANVAS}, crop_size={"height": CANVAS, "width": CANVAS},
             do_resize=True, do_center_crop=True, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
         return tf.LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                                 vision_feature_select_strategy="default", chat_template=chat_template(arch),
+                                 vision_feature_select_strategy="default", chat_template=chat_template(arch, layout),
                                  image_token="<image>", num_additional_image_tokens=1)
     image_processor = tf.Qwen2VLImageProcessor(**QWEN_IMAGE)
-    return qwen_processor(image_processor, tokenizer, chat_template(arch))
+    return qwen_processor(image_processor, tokenizer, chat_template(arch, layout))
 
 
 QWEN_IMAGE = dict(patch_size=8, merge_size=2, temporal_patch_size=1, min_pixels=CANVAS * CANVAS,
@@ -247,11 +312,13 @@ def build_model(arch: str, tokenizer, size: ModelSize | None = None, seed: int =
         model = tf.Qwen2VLForConditionalGeneration(cfg)
     model.generation_config.pad_token_id = ids["<pad>"]
     model.generation_config.bos_token_id = ids["<s>"]
-    model.generation_config.eos_token_id = ids["</s>"]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    chatml = im_end not in (None, tokenizer.unk_token_id)
+    model.generation_config.eos_token_id = [ids["</s>"], im_end] if chatml else ids["</s>"]  # a turn ends there
     return model
 
 
-def build(arch: str = "llava", size: ModelSize | None = None, seed: int = 0):
-    """``(model, processor)``: a fresh random-init model and its processor."""
-    processor = build_processor(arch)
+def build(arch: str = "llava", size: ModelSize | None = None, seed: int = 0, layout: str = "image-first"):
+    """``(model, processor)``: a fresh random-init model and its processor (prompted in ``layout``)."""
+    processor = build_processor(arch, layout)
     return build_model(arch, processor.tokenizer, size, seed), processor

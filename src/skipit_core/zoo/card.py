@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .build import prompt_layout
 from .train import TrainConfig
 
 __all__ = ["EVAL_BATCH_SIZE", "evaluation", "write_card", "portable", "main"]
@@ -56,6 +57,39 @@ def encode_one(processor, data):
 
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
+
+
+LAYOUT_TEXT = {
+    "image-first": "The image comes before the question, as in LLaVA-1.5 and Qwen2-VL, so every question "
+                   "token can read the vision tokens.",
+    "question-first": "The question comes before the image: only the tokens after the image (`ASSISTANT:`) "
+                      "can read the vision tokens, unlike LLaVA-1.5 and Qwen2-VL, which put the image first.",
+}
+
+
+def _recipe(chain: list[dict], targets: str) -> str:
+    """The stages of every run of ``chain`` (oldest first) as a markdown list."""
+    lines = []
+    for i, record in enumerate(chain):
+        cfg = TrainConfig.from_dict(record)
+        run = f"run {i + 1}, " if len(chain) > 1 else ""
+        legacy = cfg.arch == "qwen2vl" and "align_steps" not in record  # written before the 3-stage recipe
+        vision = "the vision tower (its merger included)" if legacy else "the vision encoder"
+        if (record.get("vision_pretrain") or {}).get("steps"):
+            lines.append(f"- {run}stage 1, pretraining {vision}: {cfg.vision_steps} steps of batch "
+                         f"{cfg.vision_batch_size} at peak lr {cfg.vision_lr}; per vision token, for the grid cell it "
+                         f"lies in: {targets} (the stand-in for a pretrained CLIP; that head is discarded).")
+        if (record.get("align") or {}).get("steps"):
+            after = [v for v in record.get("validation", []) if v.get("stage") == "align"]
+            lines.append(f"- {run}stage 2, alignment: {cfg.align_steps} steps of batch {cfg.batch_size} at peak lr "
+                         f"{cfg.align_lr}; only the projector trains, the vision encoder and the language model are "
+                         "frozen." + "".join(f" Validation accuracy afterwards {_pct(v['accuracy'])} after "
+                                             f"{v['train_time_s'] / 60:.1f} min of training." for v in after))
+        turns = f" ({cfg.turns}-turn conversations)" if cfg.turns > 1 else ""
+        lines.append(f"- {run}stage 3, full fine-tuning: {cfg.steps} steps of batch {cfg.batch_size}{turns} at peak "
+                     f"lr {cfg.lr}, {vision} at {cfg.vision_lr_scale} x that; loss = cross-entropy of the answer "
+                     "tokens only.")
+    return "\n".join(lines) or "(training.json missing)"
 
 
 def portable(command: str, name: str) -> str:
@@ -104,10 +138,9 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE, *, evaluate:
     targets = vp.get("targets", "own, left, above digit")
     threads = {c.get("threads") for c in chain}
     threads_text = f"{threads.pop()} CPU thread(s)" if len(threads) == 1 else "CPU threads " + "/".join(map(str, threads))
-    stages_text = " then ".join(
-        f"{c.get('steps')} steps of batch {c.get('batch_size')}"
-        + (f" ({c['turns']}-turn conversations)" if c.get("turns", 1) > 1 else "")
-        + f" at peak lr {c.get('lr')}" for c in chain).capitalize() + "."
+    recipe = _recipe(chain, targets)
+    layout = prompt_layout(ev["prompt"])
+    layout_text = (LAYOUT_TEXT[layout] if layout in LAYOUT_TEXT else layout)
     card = f"""# {name}
 
 A small vision-language model trained from scratch (on a CPU) to answer DigitScenes questions
@@ -130,8 +163,10 @@ model = AutoModelForImageTextToText.from_pretrained("data/models/{name}")
 - vision tower: {vis_cfg.get('model_type')}, {vis_cfg.get('num_hidden_layers', vis_cfg.get('depth'))} layers,
   64x64 input, patch {vis_cfg.get('patch_size')}; **{ev['vision_tokens']} vision tokens** per image.
 - tokenizer: word-level `PreTrainedTokenizerFast` ({text_cfg.get('vocab_size')} tokens); prompt
-  `{ev['prompt']}` (the shipped chat template; the image token expands to {ev['vision_tokens']}
-  vision tokens); the answer is the next token.
+  `{ev['prompt'].replace(chr(10), chr(92) + 'n')}` (the chat template saved with the processor,
+  `chat_template.jinja`; the image token expands to {ev['vision_tokens']} vision tokens); the answer is
+  the next token.
+- prompt layout: **{layout}**. {layout_text}
 
 ## Data
 
@@ -146,12 +181,11 @@ pool of source images; validation and test use disjoint pools (split by source i
 {commands}
 ```
 
-{stages_text} Seed {chain[0].get('seed') if chain else None}; loss = cross-entropy of the answer tokens only;
-AdamW, {chain[0].get('schedule') if chain else ''} (per run), gradient clipping {chain[0].get('clip') if chain else ''}, vision tower at
-{TrainConfig.from_dict(chain[0]).vision_lr_scale if chain else ''} x the learning rate. The first run starts with {vp.get('steps', 0)} steps of
-vision-tower pretraining (per vision token, for the grid cell it lies in: {targets}; the stand-in for
-starting from a pretrained CLIP; that head is discarded). Total wall time
-{total_wall / 60:.1f} min (vision pretraining included) on {threads_text} of a 2-core machine, torch {tr.get('torch')},
+{recipe}
+
+Seed {chain[0].get('seed') if chain else None}; AdamW, {chain[0].get('schedule') if chain else ''} (per stage), gradient
+clipping {chain[0].get('clip') if chain else ''}. Total wall time
+{total_wall / 60:.1f} min (every stage included) on {threads_text} of a 2-core machine, torch {tr.get('torch')},
 transformers {tr.get('transformers')}. Full logs (validation accuracy during training) are in `training.json`.
 {chain_note}{weights_note}
 

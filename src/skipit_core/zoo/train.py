@@ -1,23 +1,32 @@
-"""Train a zoo model on DigitScenes from scratch, on a CPU.
+"""Train a zoo model on DigitScenes from scratch, on a CPU, with LLaVA's three-stage recipe.
 
     python -m skipit_core.zoo.train --arch llava --out data/models/digits-llava
     python -m skipit_core.zoo.train --arch qwen2vl --out data/models/digits-qwen2vl
 
 Every setting is a field of :class:`TrainConfig` (defaults written once; the command-line flags are
-generated from its fields) and the whole config is written to ``training.json``.
+generated from its fields) and the whole config is written to ``training.json``. New models are prompted
+``image-first`` with their family's real chat template (:mod:`skipit_core.zoo.build`).
 
-Two stages, one optimiser loop (:func:`optimise`). (1) Vision pretraining: the vision tower learns, per
-vision token, the digit in its grid cell, in the cells left of and above it, and the cell's row and
-column (the stand-in for a pretrained CLIP). (2) Question answering: fresh scenes every step from the
-*train* digit pool, one question per sequence in the shipped chat template, exactly the prompt
-:func:`skipit_core.tasks.evaluate` scores; the loss is the cross-entropy of the answer token (the
-next-token logits after ``ASSISTANT:``), the vision tower at ``vision_lr_scale`` x the learning rate.
-With ``--turns N`` a sequence is instead an N-turn conversation about one image (turn 1 = the
-evaluation prompt, then follow-up questions, every answer in the loss); in a trial with image-first
-prompts this learned more slowly per CPU minute than single questions, and the shipped models use one
-turn. AdamW, linear warm-up then cosine decay to ``min_lr_rate`` of the peak learning rate
-(transformers' ``get_cosine_with_min_lr_schedule_with_warmup``), gradient-norm clipping; validation
-accuracy (validation digit pool) is logged every ``--eval-every`` steps. Seeded: the same command on the
+The model is split into three parts (:func:`model_parts`): the vision encoder, the projector (LLaVA's
+``multi_modal_projector``, Qwen2-VL's patch ``merger``) and the language model. Stages, one optimiser
+loop (:func:`optimise`) each:
+
+1. **vision pretraining** (``vision_*``, the stand-in for a pretrained CLIP): the vision encoder alone
+   learns, per patch token, the digit in its grid cell, in the cells left of and above it, and the cell's
+   row and column (:func:`pretrain_vision`);
+2. **alignment** (``align_*``, off by default): only the projector trains, on the answer loss, with the
+   vision encoder and the language model frozen (:func:`align`);
+3. **full fine-tuning**: everything trains on the answer loss, the vision encoder at
+   ``vision_lr_scale`` x the learning rate (:func:`finetune`).
+
+The answer loss: fresh scenes every step from the *train* digit pool, one question per sequence in the
+model's chat template, exactly the prompt :func:`skipit_core.tasks.evaluate` scores; the loss is the
+cross-entropy of the answer token. With ``--turns N`` a sequence is instead an N-turn conversation about
+one image (turn 1 = the evaluation prompt, then follow-up questions, every answer in the loss). AdamW,
+linear warm-up then cosine decay to ``min_lr_rate`` of the peak learning rate (transformers'
+``get_cosine_with_min_lr_schedule_with_warmup``), gradient-norm clipping; validation accuracy
+(validation digit pool) is logged at the end of stages 2 and 3 and every ``--eval-every`` steps of
+stage 3, with the training time spent so far (validation excluded). Seeded: the same command on the
 same machine gives the same model. The folder gets ``save_pretrained`` output (safetensors) plus
 ``training.json``. Write the model card afterwards with ``python -m skipit_core.zoo.card``.
 """
@@ -44,9 +53,11 @@ from transformers import AutoModelForImageTextToText, get_cosine_with_min_lr_sch
 from ..errors import InputError
 from ..tasks import GRID, N_CELLS, QUESTION_FAMILIES, DigitScenes, VQASet, encode, evaluate
 from ..utils import set_seed
-from .build import ARCHS, SIZES, ModelSize, build, load_processor, save_processor
+from ..tasks import build_prompts
+from .build import ARCHS, LAYOUTS, SIZES, ModelSize, answer_cue, build, load_processor, prompt_layout, save_processor
 
-__all__ = ["TrainConfig", "train", "optimise", "main", "cell_labels", "TARGET_CLASSES"]
+__all__ = ["TrainConfig", "train", "optimise", "model_parts", "pretrain_vision", "align", "finetune", "main",
+           "cell_labels", "TARGET_CLASSES"]
 
 
 def _help(text: str, **extra) -> dict:
@@ -57,11 +68,13 @@ def _help(text: str, **extra) -> dict:
 class TrainConfig:
     """Every setting of a training run; ``python -m skipit_core.zoo.train --help`` lists them as flags.
 
-    Stage 1 (``vision_*``) pretrains the vision tower; the question-answering stage trains everything,
-    the vision tower at ``vision_lr_scale * lr``.
+    Stage 1 (``vision_*``) pretrains the vision encoder, stage 2 (``align_*``) the projector alone, stage 3
+    (``steps``, ``lr`` ...) everything, the vision encoder at ``vision_lr_scale * lr``.
     """
 
     arch: str = field(default="llava", metadata=_help("model family", choices=ARCHS))
+    layout: str = field(default="image-first", metadata=_help("prompt layout of a new model (a continued run "
+                                                              "keeps its folder's)", choices=LAYOUTS))
     seed: int = field(default=0, metadata=_help("seed of weights, data and order"))
     threads: int | None = field(default=None, metadata=_help("torch CPU threads during training (default: torch's setting)"))
     init_from: str | None = field(default=None, metadata=_help("continue training a saved model folder "
@@ -72,8 +85,11 @@ class TrainConfig:
     vision_batch_size: int = field(default=128, metadata=_help("stage-1 images per step"))
     vision_lr: float = field(default=3e-3, metadata=_help("stage-1 peak learning rate"))
     vision_warmup: int = field(default=50, metadata=_help("stage-1 warm-up steps"))
-    # question answering
-    steps: int = field(default=1200, metadata=_help("question-answering steps"))
+    # stage 2: alignment
+    align_steps: int = field(default=0, metadata=_help("stage-2 steps training only the projector (0: none)"))
+    align_lr: float = field(default=1e-3, metadata=_help("stage-2 peak learning rate"))
+    # stage 3: full fine-tuning
+    steps: int = field(default=1200, metadata=_help("stage-3 full fine-tuning steps"))
     batch_size: int = field(default=64, metadata=_help("sequences per step"))
     lr: float = field(default=2e-3, metadata=_help("peak learning rate"))
     warmup: int = field(default=100, metadata=_help("linear warm-up steps"))
@@ -94,7 +110,9 @@ class TrainConfig:
             raise InputError(f"unknown architecture {self.arch!r}; choose from {', '.join(ARCHS)}.")
         if self.steps < 1 or self.batch_size < 1 or self.turns < 1:
             raise InputError("steps, batch_size and turns must be positive.")
-        if min(self.vision_steps, self.vision_batch_size, self.warmup, self.vision_warmup) < 0:
+        if self.layout not in LAYOUTS:
+            raise InputError(f"unknown prompt layout {self.layout!r}; choose from {', '.join(LAYOUTS)}.")
+        if min(self.vision_steps, self.vision_batch_size, self.warmup, self.vision_warmup, self.align_steps) < 0:
             raise InputError("step counts, batch sizes and warm-ups cannot be negative.")
         if self.family_weights is not None:
             object.__setattr__(self, "family_weights", tuple(float(w) for w in self.family_weights))
@@ -113,8 +131,10 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
         """The config of a ``training.json`` (today's, or an older one: ``vision_lr_mult`` and the
-        ``vision_pretrain`` log are read as ``vision_lr_scale`` and ``vision_*``); other keys are ignored."""
+        ``vision_pretrain`` log are read as ``vision_lr_scale`` and ``vision_*``, and a file without ``layout``
+        was written for a question-first model); other keys are ignored."""
         d = dict(d)
+        d.setdefault("layout", "question-first")
         if "vision_lr_mult" in d:
             d.setdefault("vision_lr_scale", d["vision_lr_mult"])
         if "vision_pretrain" in d and "vision_steps" not in d:  # files written before TrainConfig
@@ -228,25 +248,53 @@ def cell_labels(data: VQASet) -> torch.Tensor:
 TARGET_CLASSES = (11, 11, 11, GRID, GRID)
 
 
-def vision_tower(model) -> torch.nn.Module:
-    """The module stage 1 pretrains and stage 2 trains at ``vision_lr_scale``."""
-    return model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual
+def model_parts(model) -> dict[str, list[tuple[str, torch.nn.Parameter]]]:
+    """``{"vision": ..., "projector": ..., "language": ...}``: ``(name, parameter)`` pairs of the vision
+    encoder, the projector (LLaVA ``multi_modal_projector``; Qwen2-VL ``visual.merger``) and the rest
+    (language model, embeddings, LM head). Every parameter is in exactly one part."""
+    if hasattr(model.model, "vision_tower"):
+        part = lambda n: ("vision" if n.startswith("model.vision_tower.") else  # noqa: E731
+                          "projector" if n.startswith("model.multi_modal_projector.") else "language")
+    else:
+        part = lambda n: ("projector" if n.startswith("model.visual.merger.") else  # noqa: E731
+                          "vision" if n.startswith("model.visual.") else "language")
+    parts: dict[str, list] = {"vision": [], "projector": [], "language": []}
+    for name, p in model.named_parameters():
+        parts[part(name)].append((name, p))
+    return parts
+
+
+@contextmanager
+def only_trainable(model, params: Sequence[torch.nn.Parameter]) -> Iterator[None]:
+    """Within the block, ``params`` are the only parameters of ``model`` that take gradients."""
+    keep = {id(p) for p in params}
+    before = {id(p): p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p in model.parameters():
+            p.requires_grad_(before[id(p)])
 
 
 def vision_features(model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Vision features ``[B, tokens, d]`` and the grid cell ``[tokens]`` each token lies in.
+    """Vision-encoder features ``[B, tokens, d]`` (before the projector) and the grid cell ``[tokens]``
+    each token lies in: one token per patch.
 
-    LLaVA: the CLIP tower's last hidden state without CLS (what the projector reads), one token per
-    patch. Qwen2-VL: the merged tokens (one per cell).
+    LLaVA: the CLIP tower's last hidden state without CLS (what the projector reads), patches row-major.
+    Qwen2-VL: the last block's output (what the merger reads), patches ordered by merged token (row-major
+    over cells), then within it.
     """
+    vc = model.config.vision_config
     if hasattr(model.model, "vision_tower"):
         out = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True)
-        side = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        side = vc.image_size // vc.patch_size
         r, c = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
         return out.hidden_states[-1][:, 1:], ((r * GRID // side) * GRID + c * GRID // side).reshape(-1)
-    feats = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
-    feats = getattr(feats, "pooler_output", feats)
-    return feats.reshape(len(inputs["image_grid_thw"]), -1, feats.shape[-1]), torch.arange(N_CELLS)
+    out = model.model.visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"])
+    feats = out.last_hidden_state.reshape(len(inputs["image_grid_thw"]), -1, vc.embed_dim)
+    return feats, torch.arange(feats.shape[1]) // vc.spatial_merge_size ** 2
 
 
 def vision_loss(head: torch.nn.Module, feats: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -267,11 +315,12 @@ def pretrain_vision(model, processor, cfg: TrainConfig, gen: DigitScenes, *, pro
     token lies in, its digit, the digits in the cells left of and above it (11-way each: digit or
     empty/off-grid) and the cell's row and column, on fresh train-pool scenes.
 
-    The analogue of starting LLaVA from a pretrained CLIP. The head is discarded; only the tower's
-    weights carry over. Logged metric: accuracy of the own-cell digit over the tokens of occupied cells.
+    The analogue of starting LLaVA from a pretrained CLIP. The head is discarded; only the vision
+    encoder's weights carry over (projector and language model untouched). Logged metric: accuracy of the
+    own-cell digit over the tokens of occupied cells.
     """
-    tower = vision_tower(model)
-    head = torch.nn.Linear(model.config.vision_config.hidden_size, sum(TARGET_CLASSES))
+    vc = model.config.vision_config
+    head = torch.nn.Linear(getattr(vc, "embed_dim", None) or vc.hidden_size, sum(TARGET_CLASSES))
     rng = np.random.default_rng(cfg.seed + 7)
     accs: list[float] = []
 
@@ -284,10 +333,12 @@ def pretrain_vision(model, processor, cfg: TrainConfig, gen: DigitScenes, *, pro
         return loss
 
     t0 = time.perf_counter()
-    tower.train()
-    groups = param_groups([(p, cfg.vision_lr) for p in [*tower.parameters(), *head.parameters()]], cfg.weight_decay)
-    losses = optimise(groups, step_loss, cfg.vision_steps, warmup=cfg.vision_warmup, clip=cfg.clip,
-                      min_lr_rate=cfg.min_lr_rate, desc="vision pretrain", progress=progress)
+    model.train()
+    vision = [p for _, p in model_parts(model)["vision"]]
+    groups = param_groups([(p, cfg.vision_lr) for p in [*vision, *head.parameters()]], cfg.weight_decay)
+    with only_trainable(model, vision):
+        losses = optimise(groups, step_loss, cfg.vision_steps, warmup=cfg.vision_warmup, clip=cfg.clip,
+                          min_lr_rate=cfg.min_lr_rate, desc="vision pretrain", progress=progress)
     log(f"vision pretrain: {cfg.vision_steps} steps, last-50 occupied-cell digit accuracy {np.mean(accs[-50:]):.3f}, "
         f"loss {np.mean(losses[-50:]):.3f}")
     return dict(steps=cfg.vision_steps, batch_size=cfg.vision_batch_size, lr=cfg.vision_lr,
@@ -323,10 +374,11 @@ def conversations(processor, data: VQASet, turns: int, rng: np.random.Generator,
 
 
 def answer_positions(tokenizer, input_ids: torch.Tensor) -> torch.Tensor:
-    """Boolean mask ``[B, T]`` of the positions whose next token is an answer: the ``:`` after ``assistant``."""
-    assistant, colon = tokenizer.convert_tokens_to_ids(["assistant", ":"])
-    hit = input_ids == colon
-    hit[:, 1:] &= input_ids[:, :-1] == assistant
+    """Boolean mask ``[B, T]`` of the positions whose next token is an answer: the ``:`` after
+    ``assistant`` (``ASSISTANT:``), or ``assistant`` after ``<|im_start|>`` in ChatML (:func:`answer_cue`)."""
+    first, last = answer_cue(tokenizer)
+    hit = input_ids == last
+    hit[:, 1:] &= input_ids[:, :-1] == first
     hit[:, 0] = False
     hit[:, -1] = False
     return hit
@@ -342,6 +394,35 @@ def answer_loss(model, processor, cfg: TrainConfig, gen: DigitScenes, rng: np.ra
         return torch.nn.functional.cross_entropy(logits[positions].float(), targets)
 
     return step_loss
+
+
+def align(model, processor, cfg: TrainConfig, gen: DigitScenes, rng: np.random.Generator, *,
+          progress: bool = False, after_step: Callable[[int], None] | None = None) -> dict:
+    """Stage 2: ``align_steps`` steps of the answer loss training only the projector (peak lr
+    ``align_lr``); the vision encoder and the language model are frozen (bit-identical afterwards)."""
+    t0 = time.perf_counter()
+    projector = [p for _, p in model_parts(model)["projector"]]
+    model.train()
+    with only_trainable(model, projector):
+        losses = optimise(param_groups([(p, cfg.align_lr) for p in projector], cfg.weight_decay),
+                          answer_loss(model, processor, cfg, gen, rng), cfg.align_steps, warmup=cfg.warmup,
+                          clip=cfg.clip, min_lr_rate=cfg.min_lr_rate, desc="align", progress=progress,
+                          after_step=after_step)
+    return dict(steps=cfg.align_steps, batch_size=cfg.batch_size, lr=cfg.align_lr, trained="projector",
+                wall_time_s=round(time.perf_counter() - t0, 1), final_loss=round(float(np.mean(losses[-50:])), 4))
+
+
+def finetune(model, processor, cfg: TrainConfig, gen: DigitScenes, rng: np.random.Generator, *,
+             progress: bool = False, after_step: Callable[[int], None] | None = None) -> list[float]:
+    """Stage 3: ``steps`` steps of the answer loss training every part, the vision encoder at
+    ``vision_lr_scale * lr``, projector and language model at ``lr``. Returns the losses."""
+    parts = model_parts(model)
+    named = [(p, cfg.lr * (cfg.vision_lr_scale if part == "vision" else 1.0))
+             for part, ps in parts.items() for _, p in ps if p.requires_grad]
+    model.train()
+    return optimise(param_groups(named, cfg.weight_decay), answer_loss(model, processor, cfg, gen, rng), cfg.steps,
+                    warmup=cfg.warmup, clip=cfg.clip, min_lr_rate=cfg.min_lr_rate, desc=f"train {cfg.arch}",
+                    progress=progress, after_step=after_step)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -366,10 +447,11 @@ def train(config: TrainConfig | str = "llava", out: str | Path | None = None, *,
     stage-1 log ``vision_pretrain`` and the ``config`` as run (``threads`` filled in).
     """
     cfg = TrainConfig(arch=config, **overrides) if isinstance(config, str) else replace(config, **overrides)
-    if cfg.init_from is not None:  # a continued run: the saved model's sizes, no vision pretraining
+    if cfg.init_from is not None:  # a continued run: the saved model's sizes and layout, no vision pretraining
         saved = Path(cfg.init_from) / "training.json"
         size = ModelSize(**json.loads(saved.read_text())["size"]) if saved.exists() else cfg.size
-        cfg = replace(cfg, size=size, vision_steps=0)
+        layout = prompt_layout(build_prompts(load_processor(cfg.init_from), ["{question}"])[0])
+        cfg = replace(cfg, size=size, vision_steps=0, layout=layout)
     with _threads(cfg.threads):
         cfg = replace(cfg, threads=torch.get_num_threads())  # recorded as run
         model, processor, history, previous = _run(cfg, progress, log)
@@ -382,7 +464,7 @@ def train(config: TrainConfig | str = "llava", out: str | Path | None = None, *,
 
 def _run(cfg: TrainConfig, progress: bool, log: Callable[[str], None]):
     set_seed(cfg.seed)
-    model, processor = build(cfg.arch, cfg.size, seed=cfg.seed)
+    model, processor = build(cfg.arch, cfg.size, seed=cfg.seed, layout=cfg.layout)
     previous = None
     if cfg.init_from is not None:
         init = Path(cfg.init_from)
@@ -393,27 +475,30 @@ def _run(cfg: TrainConfig, progress: bool, log: Callable[[str], None]):
     train_gen = DigitScenes("train")
     val = DigitScenes("validation").generate(cfg.val_per_family, seed=cfg.seed + 1) if cfg.val_per_family else None
     rng = np.random.default_rng(cfg.seed)
-    history: dict = {"loss": [], "validation": [], "vision_pretrain": {}}
-    model.train()
-    t0 = time.perf_counter()  # wall time covers every stage
-    if cfg.vision_steps:
-        history["vision_pretrain"] = pretrain_vision(model, processor, cfg, train_gen, progress=progress, log=log)
+    history: dict = {"loss": [], "validation": [], "vision_pretrain": {}, "align": {}}
+    t0, validating = time.perf_counter(), [0.0]  # wall time covers every stage; validation time is also kept
 
-    def validate(step: int) -> None:
-        if val is None or not (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+    def validate(stage: str, step: int, last: int) -> None:
+        if val is None or not (step == last or (stage == "full" and cfg.eval_every and step % cfg.eval_every == 0)):
             return
+        v0 = time.perf_counter()
+        train_time = v0 - t0 - validating[0]
         r = evaluate(model, processor, val, batch_size=128)
         fam = {row["family"]: round(row["accuracy"], 4) for row in r.by_family.to_dict(orient="records")}
-        history["validation"].append(dict(step=step, accuracy=round(r.accuracy, 4), by_family=fam))
-        log(f"step {step}: validation accuracy {r.accuracy:.3f} (n={r.n}) " +
+        validating[0] += time.perf_counter() - v0
+        history["validation"].append(dict(stage=stage, step=step, accuracy=round(r.accuracy, 4), by_family=fam,
+                                          train_time_s=round(train_time, 1)))
+        log(f"{stage} step {step}: validation accuracy {r.accuracy:.3f} (n={r.n}) " +
             " ".join(f"{k}={v:.2f}" for k, v in fam.items()))
         model.train()
 
-    tower = {id(p) for p in vision_tower(model).parameters()}
-    named = [(p, cfg.lr * (cfg.vision_lr_scale if id(p) in tower else 1.0)) for p in model.parameters() if p.requires_grad]
-    history["loss"] = optimise(param_groups(named, cfg.weight_decay), answer_loss(model, processor, cfg, train_gen, rng),
-                               cfg.steps, warmup=cfg.warmup, clip=cfg.clip, min_lr_rate=cfg.min_lr_rate,
-                               desc=f"train {cfg.arch}", progress=progress, after_step=validate)
+    if cfg.vision_steps:
+        history["vision_pretrain"] = pretrain_vision(model, processor, cfg, train_gen, progress=progress, log=log)
+    if cfg.align_steps:
+        history["align"] = align(model, processor, cfg, train_gen, rng, progress=progress,
+                                 after_step=lambda step: validate("align", step, cfg.align_steps))
+    history["loss"] = finetune(model, processor, cfg, train_gen, rng, progress=progress,
+                               after_step=lambda step: validate("full", step, cfg.steps))
     history["wall_time_s"] = round(time.perf_counter() - t0, 1)
     model.eval()
     return model, processor, history, previous
@@ -429,6 +514,7 @@ def _save(model, processor, cfg: TrainConfig, history: dict, previous, out: Path
     loss = history["loss"]
     meta = dict(
         cfg.to_dict(), command=command, previous=previous, vision_pretrain=history["vision_pretrain"],
+        align=history["align"], prompt_layout=cfg.layout, prompt=build_prompts(processor, ["{question}"])[0],
         schedule=f"linear warm-up, cosine decay to {cfg.min_lr_rate:.0%}", optimizer="AdamW(betas=(0.9, 0.98))",
         parameters=int(sum(p.numel() for p in model.parameters())), wall_time_s=history["wall_time_s"],
         machine=platform.machine(), processor=platform.processor() or None,
