@@ -546,3 +546,19 @@ def test_each_training_stage_trains_only_its_parts(arch):
     run(lambda: pretrain_vision(model, processor, cfg, gen, log=lambda s: None), parts["vision"])
     run(lambda: align(model, processor, cfg, gen, rng), parts["projector"])
     run(lambda: finetune(model, processor, cfg, gen, rng), set().union(*parts.values()))
+
+
+def test_card_of_a_new_model_says_its_layout_recipe_and_redundancy(tmp_path):
+    from skipit_core.zoo.card import write_card
+    from skipit_core.zoo.train import train
+
+    folder = tmp_path / "digits-tiny"
+    train("llava", folder, size=TINY, steps=2, batch_size=4, warmup=1, vision_steps=1, vision_batch_size=4,
+          align_steps=1, eval_every=0, val_per_family=1, progress=False, log=lambda s: None,
+          command=f"python -m skipit_core.zoo.train --out {tmp_path}/scratch --align-steps 1")
+    card = write_card(folder).read_text()
+    stored = json.loads((folder / "eval.json").read_text())
+    assert "prompt layout: **image-first**" in card and "stage 2, alignment: 1 steps" in card
+    assert "--out data/models/digits-tiny" in card and str(tmp_path) not in card
+    assert len(stored["profile"]["mean_cos_dist_vision"]) == len(stored["profile"]["var"]) == TINY.layers
+    assert "| 1 | " in card.split("## Redundancy profile")[1]
