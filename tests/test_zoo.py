@@ -498,18 +498,38 @@ def test_new_models_read_the_image_first_in_their_familys_template(arch):
 
 
 @pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_folders_keep_their_question_first_layout(name):
+def test_shipped_folders_record_their_layout_consistently(name):
     from skipit_core.tasks import build_prompts
     from skipit_core.zoo.build import chat_template, prompt_layout
     from skipit_core.zoo.train import TrainConfig
 
-    folder, stored, _ = _stored(name)
+    folder, stored, card = _stored(name)
     processor = load_processor(folder)
-    assert prompt_layout(build_prompts(processor, ["{question}"])[0]) == "question-first"
-    assert prompt_layout(stored["prompt"]) == "question-first"
+    layout = prompt_layout(build_prompts(processor, ["{question}"])[0])
+    assert layout == prompt_layout(stored["prompt"]) == TrainConfig.from_dict(
+        json.loads((folder / "training.json").read_text())).layout
+    assert f"prompt layout: **{layout}**" in card
     arch = "qwen2vl" if "qwen" in name else "llava"
-    assert processor.chat_template == chat_template(arch, "question-first")  # rebuildable as shipped
-    assert TrainConfig.from_dict(json.loads((folder / "training.json").read_text())).layout == "question-first"
+    assert processor.chat_template == chat_template(arch, layout)  # rebuildable as shipped
+
+
+def test_question_first_folders_keep_loading_and_training(tmp_path):
+    from skipit_core.tasks import build_prompts
+    from skipit_core.zoo.build import prompt_layout
+    from skipit_core.zoo.train import train
+
+    old = tmp_path / "old"
+    train("qwen2vl", old, layout="question-first", size=TINY, steps=1, batch_size=2, warmup=1, vision_steps=0,
+          val_per_family=0, progress=False, log=lambda s: None)
+    record = json.loads((old / "training.json").read_text())
+    del record["layout"], record["align_steps"]  # as written before layouts and stage 2 existed
+    (old / "training.json").write_text(json.dumps(record))
+    processor = load_processor(old)
+    assert build_prompts(processor, ["q"]) == ["USER: q <|vision_start|><|image_pad|><|vision_end|> ASSISTANT:"]
+    _, proc2, history = train("qwen2vl", tmp_path / "more", init_from=str(old), steps=1, batch_size=2, warmup=1,
+                              val_per_family=0, progress=False, log=lambda s: None)
+    assert history["config"].layout == "question-first" and history["config"].vision_steps == 0
+    assert prompt_layout(build_prompts(proc2, ["{question}"])[0]) == "question-first"
 
 
 def _snapshot(model) -> dict:
