@@ -601,3 +601,32 @@ def test_cache_from_another_plan_is_refused():
             t.model(input_ids=inputs["input_ids"][:, -1:], past_key_values=cache,
                     attention_mask=torch.ones(1, inputs["input_ids"].shape[1] + 1, dtype=torch.long))
     assert issubclass(PlanError, SkipitError) and issubclass(InputError, SkipitError)
+
+
+# --------------------------------------------------------------- every attention implementation
+def _implementations() -> list[str]:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return ["eager"] + [impl for impl in ("flex_attention",) if impl in ALL_ATTENTION_FUNCTIONS]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("impl", _implementations())
+def test_every_attention_implementation_gives_the_sdpa_result_or_a_plan_error(name, impl):
+    """The masks skipit builds must be in the encoding each implementation expects (eager adds them)."""
+    ref_model, inputs = tiny(name), tiny(name).inputs(prompts=[(2, 3), (1, 4)], seed=7)
+    try:
+        other = make(name, n_layers=N_LAYERS, attn=impl)
+    except ValueError as exc:  # transformers itself refuses the implementation for this class
+        pytest.skip(f"{name} does not support {impl} in transformers: {str(exc)[:80]}")
+    other.model.load_state_dict(ref_model.model.state_dict())
+    for kind, plan in plans().items():
+        with skipping(ref_model.model, plan):
+            ref = logits(ref_model.model, inputs, name)
+        try:
+            with skipping(other.model, plan):
+                out = logits(other.model, inputs, name)
+        except PlanError as exc:
+            assert "sdpa" in str(exc) and impl != "eager", (kind, exc)
+            continue
+        torch.testing.assert_close(out, ref, atol=2e-5, rtol=0, msg=lambda m: f"{impl} {kind}: {m}")

@@ -94,6 +94,25 @@ def _bool_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask > torch.finfo(mask.dtype).min / 2
 
 
+#: attention implementations whose mask encoding skipit writes: SDPA takes booleans (True = may attend),
+#: eager *adds* the mask to the scores (0 = may attend, the dtype's minimum = may not)
+MASK_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+def attention_implementation(backbone: Backbone) -> str:
+    """The attention implementation the backbone's layers run (``config._attn_implementation``)."""
+    config = getattr(backbone.attention(0), "config", backbone.text_config)
+    return str(getattr(config, "_attn_implementation", None) or "sdpa")
+
+
+def _encode_mask(allowed: torch.Tensor, implementation: str, dtype: torch.dtype) -> torch.Tensor:
+    """``allowed [B, 1, Q, K]`` booleans in the encoding ``implementation`` expects."""
+    if implementation == "eager":
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min)
+    return allowed
+
+
 def _cache_layer(cache: Any, layer_idx: int) -> Any:
     layers = getattr(cache, "layers", None)
     return layers[layer_idx] if layers is not None and layer_idx < len(layers) else None
@@ -306,14 +325,14 @@ class Step:
         rows = self.rows()
         past = self.past_columns(layer_idx)
         cols = torch.cat([past, self.positions()], dim=1)
-        if hf_mask is None and past.shape[1] == 0 and not rows.padded:
+        if hf_mask is None and past.shape[1] == 0 and not rows.padded and self.session.implementation == "sdpa":
             return None, cols
         own = past.shape[1] + torch.arange(rows.k, device=cols.device)
         if past.shape[1]:  # decode steps: per-layer columns, cheap to build
-            return self._allowed(hf_mask, cols, own), cols
+            return self._encoded(self._allowed(hf_mask, cols, own)), cols
         key = ("text", id(hf_mask))  # prefill: every TEXT layer shares it (hf_mask lives through the forward)
         if key not in self._memo:
-            self._memo[key] = self._allowed(hf_mask, cols, own)
+            self._memo[key] = self._encoded(self._allowed(hf_mask, cols, own))
         return self._memo[key], cols
 
     def freeze_mask(self, hf_mask: torch.Tensor | None, kv_len: int) -> torch.Tensor:
@@ -323,8 +342,11 @@ class Step:
             end = self.past + self.n_new
             cols = torch.arange(end - kv_len, end, device=self.vision.device).expand(self.batch, kv_len)
             own = self.rows().idx + self.past - (end - kv_len)
-            self._memo[key] = self._allowed(hf_mask, cols, own=own)
+            self._memo[key] = self._encoded(self._allowed(hf_mask, cols, own=own))
         return self._memo[key]
+
+    def _encoded(self, allowed: torch.Tensor) -> torch.Tensor:
+        return _encode_mask(allowed, self.session.implementation, self.session.dtype)
 
     def _allowed(self, hf_mask: torch.Tensor | None, cols: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
         """``[B, 1, K, C]`` booleans: may kept query ``j`` attend column ``c`` (global position ``cols[b, c]``).
@@ -461,6 +483,8 @@ class Session:
     def __init__(self, backbone: Backbone, plan: SkipPlan):
         self.backbone, self.plan = backbone, plan
         self.modes = plan.modes(backbone.n_layers)
+        self.implementation = attention_implementation(backbone)
+        self.dtype = next(backbone.text_model.parameters()).dtype
         self.depth = 1
         self.step: Step | None = None
         self._pending_ids: torch.Tensor | None = None
@@ -567,6 +591,18 @@ class Session:
         return lengths.pop() if lengths else 0
 
 
+def _check_implementation(backbone: Backbone, plan: SkipPlan) -> None:
+    """Plans that run layers on a subset of rows pass those layers a mask skipit builds; it writes the
+    encodings of :data:`MASK_IMPLEMENTATIONS` only (whole-layer skips build none and run under any)."""
+    implementation = attention_implementation(backbone)
+    rows = any(mode in (LayerMode.TEXT, LayerMode.FREEZE) for mode in plan.modes(backbone.n_layers))
+    if rows and implementation not in MASK_IMPLEMENTATIONS:
+        raise PlanError(
+            f"the plan {plan} runs layers on the text rows with masks skipit builds, which it writes for "
+            f"attn_implementation 'sdpa' and 'eager' only; this model uses {implementation!r}. Call "
+            "model.set_attn_implementation('sdpa') (or load with attn_implementation='sdpa') first.")
+
+
 def active_session(model: nn.Module) -> Session | None:
     """The session active on ``model`` (a VLM or its Backbone), if any."""
     return _ACTIVE.get(Backbone.of(model).text_model)
@@ -588,6 +624,7 @@ def skipping(model: nn.Module, plan: SkipPlan) -> Iterator[Session]:
     if not isinstance(plan, SkipPlan):
         raise PlanError(f"skipping() takes a SkipPlan, got {type(plan).__name__}; build one with SkipPlan.*.")
     plan.validate(backbone)
+    _check_implementation(backbone, plan)
     active = _ACTIVE.get(backbone.text_model)
     if active is not None:
         if active.plan != plan:
