@@ -216,3 +216,20 @@ def test_cli_bench_prints_realized_and_ideal(capsys):
     inputs = next(batches(processor, DigitScenes.test_set()[:8], 8))
     ideal = bench.ideal_speedup(model, *bench.prompt_tokens(model, inputs), SkipPlan.early_exit(6))
     assert f"(ideal {ideal:.2f}x, ratio " in lines[1]
+
+
+def test_timing_flags_noise_above_the_documented_ratio():
+    """A median is unreadable when its IQR is above NOISY_IQR_RATIO of it (the heavy-load case: IQR > median)."""
+    loaded = bench.Timing("prefill early_exit(6)", (2.0, 9.0, 3.0, 20.0, 4.0, 30.0), "cpu")
+    assert loaded.iqr > loaded.median and loaded.noisy and "NOISY" in str(loaded)
+    assert "too noisy" in loaded.warning and "prefill early_exit(6)" in loaded.warning
+    edge = bench.Timing("x", (10.0, 10.0, 12.5, 12.5), "cpu")  # IQR / median = 2.5 / 11.25 = 0.22
+    assert edge.spread == pytest.approx(2.5 / 11.25) and not edge.noisy and edge.warning is None
+    assert not bench.Timing("one", (5.0,), "cpu").noisy
+    assert bench.Timing("x", (10.0, 10.0, 13.0, 13.0), "cpu").spread > bench.NOISY_IQR_RATIO
+
+
+def test_timers_move_inputs_to_the_models_device_and_dtype(llava):
+    """Inputs given on another dtype (float64 pixels) are moved/cast as the model needs."""
+    inputs = {k: (v.double() if v.is_floating_point() else v) for k, v in llava.inputs(prompts=[(2, 3)]).items()}
+    assert bench.time_prefill(llava.model, inputs, warmup=0, repeats=1).n == 1

@@ -10,6 +10,10 @@
 * :func:`ideal_speedup` is ``flops(no plan) / flops(plan)``.
 * :func:`time_prefill` / :func:`time_decode` time a forward with warm-up and repeats and report the
   median and inter-quartile range: CUDA events with synchronisation on a GPU, ``perf_counter`` on a CPU.
+  A timing whose IQR exceeds :data:`NOISY_IQR_RATIO` (25 %) of its median is flagged
+  :attr:`Timing.noisy` (its :attr:`Timing.warning` says so): the machine was too busy for the median
+  to be read, and neither is a speedup computed from it. Inputs go to the model's execution device
+  (also for an accelerate ``device_map``), floating inputs in its dtype.
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from .models import Backbone
 from .skip import LayerMode, SkipPlan, Work, skipping
 
 __all__ = ["flops", "ideal_speedup", "prompt_tokens", "FlopReport", "LayerFlops", "Shapes", "time_prefill",
-           "time_decode", "Timing"]
+           "time_decode", "Timing", "NOISY_IQR_RATIO"]
+
+#: a timing whose inter-quartile range is above this fraction of its median is too noisy to read
+NOISY_IQR_RATIO = 0.25
 
 
 # ----------------------------------------------------------------------------------------- shapes
@@ -241,8 +248,30 @@ class Timing:
         q = statistics.quantiles(self.samples_ms, n=4, method="inclusive")
         return q[2] - q[0]
 
+    @property
+    def spread(self) -> float:
+        """``iqr / median`` (0 for fewer than 2 samples; infinite for a zero median with some spread)."""
+        if self.iqr == 0:
+            return 0.0
+        return self.iqr / self.median if self.median > 0 else float("inf")
+
+    @property
+    def noisy(self) -> bool:
+        """True when :attr:`spread` is above :data:`NOISY_IQR_RATIO`: the median cannot be trusted."""
+        return self.spread > NOISY_IQR_RATIO
+
+    @property
+    def warning(self) -> str | None:
+        """A one-line warning when the timing is :attr:`noisy`, else ``None``."""
+        if not self.noisy:
+            return None
+        return (f"{self.what}: IQR {self.iqr:.2f} ms is {100 * self.spread:.0f}% of the median {self.median:.2f} ms "
+                f"(above {100 * NOISY_IQR_RATIO:.0f}%): too noisy to read; rerun on a quieter machine or with "
+                "more repeats.")
+
     def __str__(self) -> str:
-        return f"{self.what}: {self.median:.2f} ms median (IQR {self.iqr:.2f} ms, n={self.n}, {self.device})"
+        flag = ", NOISY" if self.noisy else ""
+        return f"{self.what}: {self.median:.2f} ms median (IQR {self.iqr:.2f} ms, n={self.n}, {self.device}{flag})"
 
 
 def _clock(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> list[float]:
@@ -270,7 +299,16 @@ def _clock(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    from .distributed import execution_device
+
+    return execution_device(model)
+
+
+def _on_device(model: nn.Module, inputs: Mapping[str, Any], device: torch.device) -> dict:
+    """``inputs`` on ``device``; floating tensors (pixels) in the model's dtype."""
+    from .forward import move_inputs
+
+    return move_inputs(inputs, device, getattr(model, "dtype", None))
 
 
 def _prefill_kwargs(model: nn.Module) -> dict:
@@ -283,11 +321,12 @@ def time_prefill(model: nn.Module, inputs: Mapping[str, Any], plan: SkipPlan | N
                  repeats: int = 10, label: str | None = None) -> Timing:
     """Time ``model(**inputs)`` as a generation prefill (cache on, last-position logits) under ``plan``."""
     extra = _prefill_kwargs(model)
+    device = _device(model)
+    inputs = _on_device(model, inputs, device)
 
     def run() -> None:
         with torch.inference_mode():
             model(**inputs, **extra)
-    device = _device(model)
     with skipping(model, plan or SkipPlan.none()):
         samples = _clock(run, device, warmup, repeats)
     return Timing(label or f"prefill {plan or SkipPlan.none()}", tuple(samples), str(device))
@@ -302,6 +341,7 @@ def time_decode(model: nn.Module, inputs: Mapping[str, Any], plan: SkipPlan | No
     """
     extra = _prefill_kwargs(model)
     device = _device(model)
+    inputs = _on_device(model, inputs, device)
     samples: list[float] = []
     with skipping(model, plan or SkipPlan.none()), torch.inference_mode():
         for i in range(warmup + repeats):
