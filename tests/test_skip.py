@@ -352,7 +352,8 @@ def test_cache_layer_lengths_and_manual_decoding(kind):
                           past_key_values=cache, use_cache=True)
             ref = logits(t.model, step, name)[:, -1]
             torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-5, rtol=0)
-    assert "get_seq_length" not in cache.__dict__  # the cache's methods are its own again
+    with pytest.raises(PlanError, match="only valid under that plan"):  # outside, it refuses (issue 10)
+        cache.get_seq_length()
 
 
 # ----------------------------------------------------------------------------- batches
@@ -630,3 +631,21 @@ def test_every_attention_implementation_gives_the_sdpa_result_or_a_plan_error(na
             assert "sdpa" in str(exc) and impl != "eager", (kind, exc)
             continue
         torch.testing.assert_close(out, ref, atol=2e-5, rtol=0, msg=lambda m: f"{impl} {kind}: {m}")
+
+
+@pytest.mark.parametrize("kind", ["late_entry", "early_exit", "whole"])
+def test_cache_filled_under_a_plan_refuses_use_outside_it(kind):
+    """Before: generate() continued such a cache outside the context with a wrong length (6 of 10)."""
+    t, plan = tiny("llava"), plans()[kind]
+    inputs = t.inputs(prompts=[(2, 3)])
+    with skipping(t.model, plan):
+        out = t.model.generate(**inputs, max_new_tokens=2, do_sample=False, return_dict_in_generate=True)
+    cache = out.past_key_values
+    with pytest.raises(PlanError, match="inside the same context"):
+        cache.get_seq_length()
+    step = {"input_ids": out.sequences[:, -1:], "attention_mask": torch.ones_like(out.sequences)}
+    with pytest.raises(PlanError, match="only valid under that plan"):
+        t.model(**step, past_key_values=cache)
+    with skipping(t.model, plan), torch.no_grad():  # back under the same plan it continues
+        t.model(**step, past_key_values=cache)
+        assert cache.get_seq_length() == out.sequences.shape[1]

@@ -205,8 +205,18 @@ def _patch_cache(cache: Any, ledger: Ledger) -> None:
 
 
 def _unpatch_cache(cache: Any) -> None:
+    """On leaving the context: a cache filled under a plan holds fewer columns in some layers than its
+    global length, so every later use outside a context with the same plan would be silently wrong.
+    Its length queries raise instead (a new ``skipping`` with the same plan patches them again)."""
+    plan = cache._skipit_ledger.plan
+
+    def refuse(self: Any, *args: Any, **kwargs: Any) -> Any:
+        raise PlanError(f"this KV cache was filled inside `skipping(model, {plan})`; its layers hold different "
+                        "positions, so it is only valid under that plan. Decode inside the same context (e.g. call "
+                        "model.generate(...) within it), or start a new cache.")
+
     for name in _PATCHED:
-        cache.__dict__.pop(name, None)
+        setattr(cache, name, types.MethodType(refuse, cache))
 
 
 # --------------------------------------------------------------------------------- one forward
