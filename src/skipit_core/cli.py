@@ -22,6 +22,8 @@ Under ``torchrun`` profile and evaluate run data-parallel: the data is cut into 
 (evaluation exactly, profile sums to float64 rounding). ``--device-map auto`` spreads a big checkpoint
 over the devices with accelerate (one process per machine). ``--checkpoint DIR --checkpoint-every N``
 makes ``profile`` resumable: rerun the same command after a crash and it continues where it stopped.
+Under torchrun write ``--n-items`` for ``--n``: torchrun's own parser reads ``--n`` as an abbreviation
+of its ``--nnodes``/``--nproc-per-node`` and stops before skipit sees it.
 """
 
 from __future__ import annotations
@@ -602,7 +604,8 @@ def _parser() -> argparse.ArgumentParser:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits-llava", help="bundled name, local folder or HF id")
     p.add_argument("--data", default="digits", help="digits (default), a DigitScenes.freeze folder, or pope:PATH")
-    p.add_argument("--n", type=_count(1), default=None, help="use the first N items (default: all)")
+    p.add_argument("--n", "--n-items", dest="n", type=_count(1), default=None, metavar="N",
+                   help="use the first N items (default: all); under torchrun write --n-items")
     p.add_argument("--batch-size", type=_count(1), default=32, help="items per forward pass (default 32)")
     p.add_argument("--dtype", choices=_DTYPES, default=None, help="weights dtype (default: the loader's)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: cuda:LOCAL_RANK if any, else cpu)")

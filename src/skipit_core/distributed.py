@@ -102,7 +102,7 @@ def shard(n_items: int, batch_size: int, ranks: Ranks) -> np.ndarray:
     starts = batch_starts(n_items, batch_size)
     if ranks.world > len(starts):
         raise InputError(f"{ranks.world} processes but only {len(starts)} batch(es) of --batch-size {batch_size} "
-                         f"in {n_items} items: use at most {len(starts)} processes (torchrun --nproc_per_node), "
+                         f"in {n_items} items: use at most {len(starts)} process(es) (torchrun --nproc_per_node), "
                          "a smaller --batch-size or more data.")
     mine = starts[ranks.rank::ranks.world]
     return np.concatenate([np.arange(s, min(s + batch_size, n_items)) for s in mine])
