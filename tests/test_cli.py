@@ -126,6 +126,9 @@ BAD_ARGS = [
     ["profile", "--model", "/does/not/exist"],
     ["profile", "--model", "no-such-org/no-such-model"],
     ["profile", "--model", ""],
+    ["profile", "--model", "digits-llav\u0430"],  # Cyrillic a: huggingface_hub rejects the id
+    ["profile", "--model", "~no-such-user-xyz/model"],
+    ["profile", "--model", "/"],
     ["profile", "--data", "digitz"],
     ["profile", "--data", "pope:/does/not/exist.jsonl"],
     ["profile", "--data", "pope:"],
@@ -137,6 +140,7 @@ BAD_ARGS = [
     ["profile", "--dtype", "float8"],
     ["profile", "--device", "tpu"],
     ["profile", "--unknown-flag"],
+    ["bench", "--threads", "0"],
     [],
 ]
 
@@ -163,6 +167,26 @@ def test_folder_without_config_and_file_as_checkpoint(capsys, no_model_load, tmp
     (tmp_path / "file").write_text("x")
     code, _, err = run(["profile", "--checkpoint", tmp_path / "file"], capsys)
     assert code == 2 and "folder" in one_error_line(err)
+
+
+def test_damaged_data_and_read_only_out(capsys, no_model_load, tmp_path):
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    (tmp_path / "bad.jsonl").write_text("{}\n")
+    code, _, err = run(["profile", "--data", tmp_path / "bad"], capsys)
+    assert code == 2 and "cannot read" in one_error_line(err)
+    rows = tmp_path / "pope.jsonl"
+    rows.write_text(json.dumps({"image": "missing.png", "question": "Is it?", "answer": "yes"}) + "\n")
+    code, _, err = run(["evaluate", "--data", f"pope:{rows}"], capsys)
+    assert code == 2 and "missing.png" in one_error_line(err)
+    rows.write_text("")
+    code, _, err = run(["evaluate", "--data", f"pope:{rows}"], capsys)
+    assert code == 2
+    one_error_line(err)
+    if os.geteuid() != 0:  # root writes anyway
+        (tmp_path / "ro.npz").write_bytes(b"")
+        (tmp_path / "ro.npz").chmod(0o444)
+        code, _, err = run(["profile", "--out", tmp_path / "ro.npz"], capsys)
+        assert code == 2 and "read-only" in one_error_line(err)
 
 
 def test_missing_out_dir_named_with_the_fix(capsys, no_model_load, tmp_path):
@@ -204,6 +228,10 @@ def test_bench_warns_when_a_timing_is_too_noisy(capsys):
     _, err = capsys.readouterr()
     assert "noisy" in line and "skipit: warning:" in err and "prefill early_exit(6)" in err
     assert "noisy" not in cli.speedup_line("x", quiet, quiet, ideal=1.0)
+    capsys.readouterr()
+    fast = bench.Timing("prefill late_entry(2)", (0.5, 0.5, 0.5), "cpu")  # 20x from a plan worth 1.4x
+    line = cli.speedup_line("late_entry(2)", quiet, fast, ideal=1.4)
+    assert "do not read" in line and "FLOP bound" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- end to end on digits

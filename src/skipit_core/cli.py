@@ -33,6 +33,7 @@ import atexit
 import difflib
 import json
 import math
+import os
 import re
 import shutil
 import sys
@@ -145,6 +146,8 @@ def _check_out(path: str | None, suffixes: tuple[str, ...], what: str) -> Path |
     if p.is_dir():
         raise InputError(f"--out {path} is a folder; give a file name such as {p / ('result' + suffixes[0])}.")
     parent = p.parent
+    if p.exists() and not os.access(p, os.W_OK):
+        raise InputError(f"--out {path} exists and is read-only; pick another path or make it writable.")
     if not parent.is_dir():
         raise InputError(f"--out {path}: folder {parent} does not exist; create it (mkdir -p {parent}) or pick "
                          "another path.")
@@ -165,7 +168,13 @@ def _resolve(name: str):
     """Where ``--model`` is (:func:`skipit_core.zoo.resolve_model`), plus a folder's ``config.json``."""
     if not name.strip():
         raise InputError(f"--model is empty. Bundled models: {', '.join(zoo.MODELS)}.")
-    source = zoo.resolve_model(name)
+    try:
+        source = zoo.resolve_model(name)
+    except SkipitError:
+        raise
+    except (ValueError, RuntimeError, OSError) as exc:  # e.g. huggingface_hub's HFValidationError, ~user
+        raise InputError(f"--model {name!r} is not a bundled model, an existing folder or a valid Hugging Face id "
+                         f"({type(exc).__name__}: {exc}). Bundled models: {', '.join(zoo.MODELS)}.") from None
     if source.kind == "folder" and not (Path(source.where) / "config.json").exists():
         raise InputError(f"--model {name}: no config.json in {source.where}; pass the folder save_pretrained "
                          f"wrote. Bundled models: {', '.join(zoo.MODELS)}.")
@@ -234,12 +243,19 @@ def _load_data(spec: str, n: int | None):
     """The items of ``--data``, the first ``n`` when given (more than there are is an error)."""
     from .tasks import DigitScenes
 
-    if spec == "digits":
-        data = DigitScenes.test_set()
-    elif spec.startswith("pope:"):
-        data = _pope(spec[len("pope:"):])
-    else:
-        data = _frozen(spec)
+    try:
+        if spec == "digits":
+            data = DigitScenes.test_set()
+        elif spec.startswith("pope:"):
+            data = _pope(spec[len("pope:"):])
+        else:
+            data = _frozen(spec)
+    except SkipitError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:  # a damaged file, a missing image ...
+        raise InputError(f"--data {spec}: cannot read it ({type(exc).__name__}: {exc}); check the files.") from None
+    if len(data) == 0:
+        raise InputError(f"--data {spec} has no items; give a data set with at least one.")
     if n is not None and n > len(data):
         raise InputError(f"--n {n} but {data.name} has {len(data)} items; pass --n {len(data)} or less, or leave "
                          "--n out to use them all.")
@@ -527,13 +543,25 @@ def _write_eval(results, data, args, path: Path) -> Path:
     return path
 
 
+#: a realized speedup above this multiple of the FLOP-ideal one measures something else than the plan
+#: (thread contention, a loaded machine, a first run paying for allocation)
+SUSPECT_RATIO = 1.25
+
+
 def speedup_line(text: str, base, timed, ideal: float) -> str:
-    """One bench row: the timing under ``text``, realized and ideal speedup; a noisy timing gets a
-    warning on stderr and the row says not to read it."""
+    """One bench row: the timing under ``text``, realized and ideal speedup. A noisy timing
+    (:attr:`skipit_core.bench.Timing.noisy`) or a speedup above ``SUSPECT_RATIO`` x the ideal one gets
+    a warning on stderr and the row says not to read it."""
     if timed.warning:
         _say(f"skipit: warning: {timed.warning}")
     realized = base.median / timed.median
-    row = f"{text:>32}: {timed}  speedup {realized:.2f}x (ideal {ideal:.2f}x, ratio {realized / ideal:.2f})"
+    ratio = realized / ideal
+    row = f"{text:>32}: {timed}  speedup {realized:.2f}x (ideal {ideal:.2f}x, ratio {ratio:.2f})"
+    if ratio > SUSPECT_RATIO:
+        _say(f"skipit: warning: {text}: realized speedup {realized:.2f}x is above the FLOP bound {ideal:.2f}x: the "
+             "timings measure something else (threads fighting over cores, a loaded machine); rerun with "
+             "--threads 1 or on a quiet machine.")
+        return row + "  [above the FLOP bound: do not read this speedup]"
     return row + ("  [noisy: do not read this speedup]" if base.noisy or timed.noisy else "")
 
 
@@ -612,6 +640,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device-map", default=None, help="accelerate device map: auto, balanced, sequential or a .json")
     p.add_argument("--max-memory", default=None, help="with --device-map, e.g. '0=20GiB,cpu=60GiB'")
     p.add_argument("--offload-folder", default=None, help="with --device-map: where disk-offloaded weights go")
+    p.add_argument("--threads", type=_count(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -622,9 +651,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         ranks = Ranks.from_env()
         args = _parser().parse_args(argv, namespace=args)
+        if args.threads is not None:
+            import torch
+
+            torch.set_num_threads(args.threads)
         args.func(args, ranks)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
+    except KeyboardInterrupt:
+        _say("skipit: interrupted" + (" (rerun the same command to resume from --checkpoint)"
+                                      if getattr(args, "checkpoint", None) else ""))
+        return 130
     except SkipitError as exc:
         if ranks.is_main or args.stage == "run":  # the same pre-flight error on every rank: say it once
             who = f"[rank {ranks.rank}] " if ranks.distributed and args.stage == "run" else ""
