@@ -315,7 +315,7 @@ def test_profile_killed_with_sigkill_resumes_without_double_counting(tmp_path, c
     proc = subprocess.Popen(_profile_cmd(ck, out), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while _batches_done(ck) < 3 and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]

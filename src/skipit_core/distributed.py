@@ -199,6 +199,8 @@ class Checkpoint:
         except OSError as exc:
             raise InputError(f"cannot write to --checkpoint folder {self.folder} ({exc.strerror}); "
                              "pick a writable folder.") from None
+        for stale in self.folder.glob(self.path.name + ".tmp*"):  # a write cut short by a kill
+            stale.unlink(missing_ok=True)
         others = [p.name for p in self.folder.glob("profile-rank*-of-*.npz") if not p.name.endswith(
             f"-of-{self.ranks.world}.npz")]
         if others:
