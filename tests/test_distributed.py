@@ -159,19 +159,17 @@ def test_offloaded_model_profiles_and_skips_as_the_plain_one(name, tmp_path):
     print(f"{name}: max profile gap {worst:.3g}; max logit gap per plan {gaps}")
 
 
-@pytest.mark.xfail(strict=True, raises=(RuntimeError, NotImplementedError),
-                   reason="forward.model_device_dtype (not ours) takes the first parameter's device, which is "
-                          "'meta' when that module is offloaded ({'': 'disk'}): profile() moves inputs to meta "
-                          "(Tensor.item() on meta), tasks.evaluate fails copying out of meta; "
-                          "distributed.execution_device gives 'cpu' here")
 def test_fully_offloaded_model_profiles(tmp_path):
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(model_path("digits-llava"), device_map={"": "disk"},
                                                         offload_folder=tmp_path, dtype=torch.float32).eval()
     assert execution_device(model) == torch.device("cpu")
-    _, processor = load_vlm("digits-llava", device="cpu")
-    profile(model, batches(processor, DigitScenes.test_set()[:2], 2))
+    plain, processor = load_vlm("digits-llava", device="cpu")
+    data = DigitScenes.test_set()[:2]
+    got, want = profile(model, batches(processor, data, 2)), profile(plain, batches(processor, data, 2))
+    assert np.allclose(got.mean_cos_dist("vision"), want.mean_cos_dist("vision"), atol=1e-6, rtol=0)
+    assert np.allclose(got.vision_attention(), want.vision_attention(), atol=1e-6, rtol=0)
 
 
 def test_cli_device_map_auto_with_disk_offload_matches_the_plain_run(tmp_path, capsys, caplog):

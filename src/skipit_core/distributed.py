@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from .errors import InputError
+from .forward import execution_device  # noqa: F401  (re-exported: where inputs go)
 
 __all__ = ["Ranks", "shard", "batch_starts", "process_group", "gather_profile", "gather_items", "Checkpoint",
            "execution_device"]
@@ -240,19 +241,3 @@ class Checkpoint:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, self.path)
-
-
-# ------------------------------------------------------------------------------------------ devices
-def execution_device(model: nn.Module) -> torch.device:
-    """Where inputs must go: for a model dispatched by accelerate (``hf_device_map``), the execution
-    device of its input embeddings' hook (weights offloaded to CPU or disk are ``meta`` in place);
-    else the device of the first parameter."""
-    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    hook = getattr(embed, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(device if not isinstance(device, int) else f"cuda:{device}")
-    for param in model.parameters():
-        if param.device.type != "meta":
-            return param.device
-    return torch.device("cpu")

@@ -29,7 +29,7 @@ from .errors import InputError
 from .models import Backbone, TokenKind
 
 __all__ = [
-    "BatchLayout", "iter_batches", "move_inputs", "model_device_dtype", "run_forward", "last_logprobs",
+    "BatchLayout", "iter_batches", "move_inputs", "model_device_dtype", "execution_device", "run_forward", "last_logprobs",
     "hooked", "accepts", "layer_input", "StopForward", "PostHook", "PreHook", "TRASH_SLOT",
 ]
 
@@ -91,10 +91,24 @@ class BatchLayout:
                    text_idx, text_valid, n_text, last_text, last_pos, bool(n_vision.any()), n_text_max)
 
 
+def execution_device(model: nn.Module) -> torch.device:
+    """Where inputs must go: for a model dispatched by accelerate (weights offloaded to CPU or disk are
+    ``meta`` in place), the execution device of its input embeddings' hook; else the device of the first
+    parameter that is not on ``meta``."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    device = getattr(getattr(embed, "_hf_hook", None), "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    for param in model.parameters():
+        if param.device.type != "meta":
+            return param.device
+    return torch.device("cpu")
+
+
 def model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
-    """The device and dtype inputs should be moved to: the model's own, else its first parameter's."""
+    """The device inputs should be moved to (:func:`execution_device`) and the model's dtype."""
     param = next(model.parameters())
-    return getattr(model, "device", param.device), getattr(model, "dtype", param.dtype)
+    return execution_device(model), getattr(model, "dtype", param.dtype)
 
 
 def move_inputs(batch: Mapping[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict:
