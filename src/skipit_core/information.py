@@ -8,13 +8,13 @@ samples) and returns bits. Four methods, chosen with ``method=``:
     symbols with ``m`` distinct observed values, ``H_MM = -sum_s p_s log2 p_s + (m - 1) / (2 n ln 2)``.
     The rows of an ``(n, d)`` array are joint symbols. MI and CMI are sums of corrected entropies.
 ``"gaussian"``
-    Closed form for jointly Gaussian variables, ``I(X;Y) = 1/2 log2(det S_x det S_y / det S)``, from a
-    shrinkage covariance: each variable is whitened and the cross-covariances are shrunk with the
-    Ledoit-Wolf intensity (Ledoit & Wolf 2004).
+    Closed form for jointly Gaussian variables, ``I(X;Y) = 1/2 log2(det S_x det S_y / det S)``, from
+    the plug-in covariance ``S`` with the analytic bias correction of every log-determinant
+    (Ince et al. 2017; see :func:`gaussian_logdet_bias`): unbiased for Gaussian data.
 ``"gcmi"``
     Gaussian-copula MI (Ince et al. 2017): each column is replaced by ``Phi^{-1}(rank / (n + 1))``,
-    then the Gaussian formula is applied. Invariant under strictly monotone maps of each column;
-    a lower bound on the true MI when the dependence is not a Gaussian copula.
+    then the bias-corrected Gaussian formula is applied. Invariant under strictly monotone maps of
+    each column; a lower bound on the true MI when the dependence is not a Gaussian copula.
 ``"ksg"``
     k-nearest-neighbour estimators in the max-norm: Kraskov, Stoegbauer & Grassberger (2004)
     algorithm 1 for MI, Frenzel & Pompe (2007) for CMI, Kozachenko & Leonenko (1987) for entropy;
@@ -22,9 +22,21 @@ samples) and returns bits. Four methods, chosen with ``method=``:
 
 Each docstring states the estimator's measured bias; ``tests/test_information.py`` checks it.
 
+Input rules, the same for every estimator (each violation raises :class:`InputError` or
+:class:`NumericalError` saying what to do): rows are samples, so a 2-D input with more columns
+than rows (e.g. 5 x 500) is taken to be transposed and rejected (pass ``x.T``; to estimate from
+fewer samples than dimensions, reduce the dimension first, e.g. with PCA, or for discrete codes
+pass one symbol per row, ``np.unique(x, axis=0, return_inverse=True)[1]``). Paired inputs need the
+same number of rows, at least 2. Floats must be finite. Counts such as ``k``, ``n_codes``,
+``n_boot`` and ``n_shuffles`` must be integer-like (``int``, ``np.int64``, a 0-d integer tensor;
+not ``True``, not ``3.0``). Torch tensors keep their precision (float64 stays float64; float16 and
+bfloat16 are upcast to float32, exactly); integer and bool inputs to the continuous estimators are
+read as floats.
+
 Quantisation (:func:`quantize`) turns hidden states into k-means codes so that the discrete
-theorems (T3, T4 of THEORY.md) apply; :func:`shuffle_baseline` and :func:`bootstrap_ci` put any
-estimator next to a permutation null and a bootstrap interval. :func:`pid` and
+theorems (T3, T4 of docs/THEORY.md) apply; :func:`shuffle_baseline` (``scipy.stats.permutation_test``)
+and :func:`bootstrap_ci` (``scipy.stats.bootstrap``) put any estimator next to a permutation null
+and a bootstrap interval. :func:`pid` and
 :func:`pid_from_table` give partial information decompositions (Williams & Beer 2010):
 BROJA (Bertschinger, Rauh, Olbrich, Jost & Ay 2014), MMI, and Gaussian MMI (Barrett 2015).
 """
@@ -40,11 +52,12 @@ import numpy as np
 import torch
 from scipy import linalg as sla
 from scipy import sparse
+from scipy import stats as sps
 from scipy.special import digamma, ndtri
 from scipy.stats import rankdata
 
 from .errors import InputError, NumericalError
-from .utils import as_numpy, check_finite
+from .utils import as_int, as_numpy, as_probability_level, check_finite
 
 __all__ = [
     "METHODS",
@@ -56,6 +69,7 @@ __all__ = [
     "mutual_information_from_table",
     "conditional_entropy_from_table",
     "ledoit_wolf_covariance",
+    "gaussian_logdet_bias",
     "copula_normalize",
     "ksg_backend",
     "quantize",
@@ -85,7 +99,12 @@ _TORCH_BLOCK_ELEMS = 640_000  # rows per block = this // n: 5 MB per float64 dis
 # ----------------------------------------------------------------------------------------------
 
 def _samples(x, name: str, discrete: bool = False) -> np.ndarray:
-    """Return ``x`` as a 2-D array ``(n, d)``; floats are checked for NaN/inf."""
+    """Return ``x`` as a 2-D array ``(n, d)`` of samples in rows; floats are checked for NaN/inf.
+
+    A 2-D input with more columns than rows is rejected as (probably) transposed: every estimator
+    here needs more samples than dimensions (the Gaussian ones are undefined otherwise, KSG and the
+    plug-in say nothing), and a 5 x 500 array is far more often 500 samples given as columns.
+    """
     arr = as_numpy(x, name, dtype=None if discrete else np.float64)
     if arr.dtype.kind in "fc":
         check_finite(arr, name)
@@ -95,11 +114,33 @@ def _samples(x, name: str, discrete: bool = False) -> np.ndarray:
         raise InputError(f"{name} must have shape (n,) or (n, d); got shape {arr.shape}. "
                          "Flatten the feature axes first, e.g. x.reshape(n, -1).")
     if arr.shape[0] < 2 or arr.shape[1] < 1:
-        raise InputError(f"{name} has shape {arr.shape}; need at least 2 samples and 1 column.")
+        raise InputError(f"{name} has shape {arr.shape}; need at least 2 samples (rows) and 1 column.")
+    if arr.shape[1] > arr.shape[0]:
+        raise InputError(f"{name} has shape {arr.shape}: more columns than rows. Rows must be samples; if "
+                         f"these are {arr.shape[1]} samples of dimension {arr.shape[0]}, pass {name}.T. "
+                         "With fewer samples than dimensions, reduce the dimension first (e.g. PCA), or "
+                         "for discrete codes pass one symbol per row: np.unique(x, axis=0, return_inverse=True)[1].")
     if discrete and arr.dtype.kind not in "biuf":
         raise InputError(f"{name} must hold numeric symbols (got dtype {arr.dtype}); "
                          "encode labels as integers first, e.g. with np.unique(..., return_inverse=True).")
     return arr
+
+
+def _paired_rows(arrays: Sequence, names: Sequence[str]) -> tuple[list[np.ndarray], int]:
+    """Arrays (any dtype, first axis = samples) for the resampling helpers, and their common length."""
+    arrs = [as_numpy(a, nm, dtype=None) for a, nm in zip(arrays, names)]
+    for a, nm in zip(arrs, names):
+        if a.ndim == 0:
+            raise InputError(f"{nm} is a scalar; pass one value (or row) per sample.")
+        if a.ndim == 2 and a.shape[1] > a.shape[0]:
+            raise InputError(f"{nm} has shape {a.shape}: more columns than rows. Rows must be samples; "
+                             f"pass {nm}.T if the samples are in columns.")
+        if a.dtype.kind in "fc":
+            check_finite(a, nm)
+    n = _same_length(**dict(zip(names, arrs)))
+    if n < 2:
+        raise InputError(f"need at least 2 samples (rows) to resample; got {n}.")
+    return arrs, n
 
 
 def _same_length(**arrays: np.ndarray) -> int:
@@ -111,8 +152,26 @@ def _same_length(**arrays: np.ndarray) -> int:
 
 
 def _check_method(method: str) -> None:
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise InputError(f"unknown method {method!r}; choose one of {METHODS}.")
+
+
+def _check_flag(value, name: str) -> None:
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputError(f"{name} must be True or False; got {value!r}.")
+
+
+def _check_k(k) -> int:
+    return as_int(k, "k", minimum=1, what="number of nearest neighbours")
+
+
+def _check_jitter(jitter) -> float:
+    j = float(jitter) if isinstance(jitter, (int, float, np.floating, np.integer)) and not isinstance(
+        jitter, (bool, np.bool_)) else None
+    if j is None or not math.isfinite(j) or j < 0:
+        raise InputError(f"jitter must be a finite number >= 0 (the tie-breaking noise in column standard "
+                         f"deviations, default 1e-10; 0 turns it off); got {jitter!r}.")
+    return j
 
 
 def _check_not_constant(arr: np.ndarray, name: str) -> None:
@@ -200,17 +259,38 @@ def ledoit_wolf_covariance(x) -> tuple[np.ndarray, float]:
 
     With centred data ``X`` (n x p), ``S = X^T X / n``, ``mu = tr(S) / p``, the estimate is
     ``(1 - s) S + s mu I`` with shrinkage ``s = min(1, b^2 / d^2)``, ``d^2 = ||S - mu I||_F^2`` and
-    ``b^2 = (1/n^2) sum_i ||x_i x_i^T - S||_F^2 = (sum_i ||x_i||^4 - n ||S||_F^2) / n^2``.
-    Returns ``(covariance, s)``.
+    ``b^2 = (1/n^2) sum_i ||x_i x_i^T - S||_F^2``. Returns ``(covariance, s)``, computed by
+    ``sklearn.covariance.ledoit_wolf``. The estimators of this module no longer use it (see
+    :func:`gaussian_logdet_bias` for why); it stays for callers who want a well-conditioned covariance.
     """
-    xc = _centred_tensor(_samples(x, "x"))
-    n, p = xc.shape
-    s_mat = (xc.T @ xc / n).numpy()
-    mu = np.trace(s_mat) / p
-    d2 = float(((s_mat - mu * np.eye(p)) ** 2).sum())
-    b2 = (float(((xc * xc).sum(1) ** 2).sum()) - n * float((s_mat**2).sum())) / n**2
-    shrink = 0.0 if d2 <= 0 else min(1.0, max(b2, 0.0) / d2)
-    return (1.0 - shrink) * s_mat + shrink * mu * np.eye(p), shrink
+    from sklearn.covariance import ledoit_wolf
+
+    cov, shrink = ledoit_wolf(_samples(x, "x"))
+    return np.asarray(cov, dtype=np.float64), float(shrink)
+
+
+def gaussian_logdet_bias(n: int, d: int) -> float:
+    """``E[ln det S] - ln det Sigma`` (nats) for the unbiased sample covariance ``S`` of ``n`` Gaussian rows in ``R^d``.
+
+    ``(n - 1) S`` is Wishart with ``n - 1`` degrees of freedom and scale ``Sigma``, whose expected
+    log-determinant is ``ln det Sigma + d ln 2 + sum_{j=1}^{d} psi((n - j) / 2)`` (e.g. Bishop 2006,
+    *Pattern Recognition and Machine Learning*, appendix B, Wishart). Dividing by ``n - 1``:
+
+        ``E ln det S - ln det Sigma = sum_{j=1}^{d} psi((n - j) / 2) - d ln((n - 1) / 2)``  (< 0).
+
+    Subtracting it from ``ln det S`` gives an unbiased estimate of ``ln det Sigma``; this is the
+    bias correction of the Gaussian entropy in Ince et al. 2017 (Hum. Brain Mapp. 38:1541,
+    "A statistical framework for neuroimaging data analysis based on mutual information estimated
+    via a Gaussian copula"), ``H = 1/2 ln det(2 pi e S) - 1/2 sum_j psi((n - j)/2) + d/2 ln((n - 1)/2)``.
+    Every Gaussian entropy, MI and CMI here uses it, so their log-determinant terms are unbiased.
+    Needs ``n > d``.
+    """
+    n, d = as_int(n, "n", minimum=2), as_int(d, "d", minimum=0)
+    if n <= d:
+        raise InputError(f"the covariance of n={n} samples in d={d} dimensions is singular; need n > d "
+                         "(more samples, or reduce the dimension, e.g. with PCA).")
+    j = np.arange(1, d + 1)
+    return float(digamma((n - j) / 2.0).sum() - d * math.log((n - 1) / 2.0))
 
 
 def copula_normalize(x) -> np.ndarray:
@@ -239,11 +319,16 @@ def _logdet(cov: np.ndarray) -> float:
     return 2.0 * float(np.log(np.diag(chol)).sum())
 
 
-def _gaussian_info(cov: np.ndarray, *blocks: Sequence[int]) -> float:
-    """Gaussian total correlation between index blocks: ``1/2 (sum_b logdet S_b - logdet S_all)``, bits."""
+def _gaussian_info(cov: np.ndarray, n: int, *blocks: Sequence[int]) -> float:
+    """Bias-corrected Gaussian total correlation between index blocks, bits:
+
+    ``1/2 (sum_b [ln det S_b - beta(n, |b|)] - [ln det S_all - beta(n, sum_b |b|)]) / ln 2`` with
+    ``beta`` = :func:`gaussian_logdet_bias`; ``cov`` is the plug-in correlation matrix of the samples.
+    """
     idx = np.concatenate([np.asarray(b, dtype=int) for b in blocks])
-    parts = sum(_logdet(cov[np.ix_(b, b)]) for b in blocks)
-    return 0.5 * (parts - _logdet(cov[np.ix_(idx, idx)])) / LN2
+    parts = sum(_logdet(cov[np.ix_(b, b)]) - gaussian_logdet_bias(n, len(b)) for b in blocks)
+    joint = _logdet(cov[np.ix_(idx, idx)]) - gaussian_logdet_bias(n, idx.size)
+    return 0.5 * (parts - joint) / LN2
 
 
 def _centred_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -253,63 +338,56 @@ def _centred_tensor(arr: np.ndarray) -> torch.Tensor:
     return t - t.mean(0)
 
 
-def _whiten(block: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    """Symmetric whitening ``x -> x S^{-1/2}`` of a centred block, and whether it was whitened; a
-    near-singular block is only scaled to unit column variances."""
-    with _single_thread_blas():
-        evals, evecs = np.linalg.eigh((block.T @ block / block.shape[0]).numpy())
-    if evals[0] <= 1e-10 * evals[-1]:
-        return block / block.std(0, unbiased=False), False
-    return block @ torch.from_numpy((evecs / np.sqrt(evals)) @ evecs.T), True
+def _check_gaussian_size(n: int, dim: int) -> None:
+    if n <= dim:
+        raise InputError(f"the Gaussian estimators need more samples than joint dimensions; got n={n} samples "
+                         f"for {dim} dimensions. Use more samples or reduce the dimension (e.g. PCA).")
 
 
-def _gaussianized(arrays: Sequence[np.ndarray], names: Sequence[str], method: str) -> tuple[np.ndarray, list]:
-    """Joint shrinkage covariance of the variables (whitened blocks) and their index blocks.
+def _correlation(arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plug-in correlation matrix ``R`` of the columns and their unbiased variances (``S = D^1/2 R D^1/2``).
 
-    Each column is copula-normalised (``gcmi``; ``gaussian`` uses the columns as they are) and each
-    variable's block is centred and whitened, so the within-block covariances are the identity and
-    all the dependence sits in the cross-block covariances ``C``. Those are shrunk towards 0 with
-    the Ledoit-Wolf (2004) intensity restricted to the estimated entries:
-    ``s = min(1, sum_i ||x_i x_i^T - S||_off^2 / (n^2 ||S||_off^2))``, ``||.||_off`` the Frobenius
-    norm over the off-diagonal blocks. The canonical correlations are thus shrunk by ``1 - s``
-    (``s = O(1/n)``) and the estimate is invariant under invertible linear maps of each variable.
-    (Plain LW on the raw columns is not, and is badly biased when columns are nearly collinear.)
-    A numerically singular block (e.g. more columns than samples) is not whitened and then
-    usually fails with :class:`NumericalError`; reduce it with PCA first.
+    Working with ``R`` keeps the Cholesky factorisations well scaled; every log-determinant of ``S``
+    is ``ln det R + sum ln var``, and in MI and CMI the variances cancel.
+    """
+    xc = _centred_tensor(arr)
+    cov = (xc.T @ xc).numpy() / (arr.shape[0] - 1)
+    var = np.diag(cov).copy()
+    scale = 1.0 / np.sqrt(var)
+    return cov * scale[:, None] * scale[None, :], var
+
+
+def _gaussianized(arrays: Sequence[np.ndarray], names: Sequence[str], method: str) -> tuple[np.ndarray, list, int]:
+    """Plug-in joint correlation matrix of the variables, their index blocks and ``n``.
+
+    Each column is copula-normalised (``gcmi``; ``gaussian`` uses the columns as they are). No
+    shrinkage: the analytic correction of :func:`gaussian_logdet_bias` removes the plug-in bias
+    exactly for Gaussian data, while shrinking the cross-covariances (Ledoit-Wolf, used before)
+    shrinks every canonical correlation and biases the MI down at strong dependence (11.21 bits
+    instead of 11.98 at d = 10, n = 1000, rho = 0.9). The estimate is invariant under invertible
+    linear maps of each variable (log-determinants of block-linear maps cancel).
     """
     for a, nm in zip(arrays, names):
         _check_not_constant(a, nm)
+    n = arrays[0].shape[0]
+    bounds = np.cumsum([0] + [a.shape[1] for a in arrays])
+    _check_gaussian_size(n, int(bounds[-1]))
     if method == "gcmi":
         arrays = [copula_normalize(a) for a in arrays]
-    whites, whitened = zip(*[_whiten(_centred_tensor(a)) for a in arrays])
-    n = whites[0].shape[0]
-    bounds = np.cumsum([0] + [w.shape[1] for w in whites])
-    blocks = [list(range(bounds[i], bounds[i + 1])) for i in range(len(whites))]
-    cov = torch.zeros(bounds[-1], bounds[-1], dtype=torch.float64)
-    for i, wi in enumerate(whites):
-        for j in range(i, len(whites)):
-            # a whitened block's own covariance is the identity (up to round-off): skip the product
-            block = torch.eye(wi.shape[1], dtype=torch.float64) if i == j and whitened[i] else wi.T @ whites[j] / n
-            cov[bounds[i]:bounds[i + 1], bounds[j]:bounds[j + 1]] = block
-            cov[bounds[j]:bounds[j + 1], bounds[i]:bounds[i + 1]] = block.T
-    off = torch.ones(cov.shape, dtype=torch.bool)
-    for i in range(len(whites)):
-        off[bounds[i]:bounds[i + 1], bounds[i]:bounds[i + 1]] = False
-    d2 = float((cov[off] ** 2).sum())
-    sq = torch.stack([(w * w).sum(1) for w in whites])  # ||x_i^(b)||^2 per block b and row i
-    fourth = float((sq.sum(0) ** 2 - (sq**2).sum(0)).sum())  # sum_i ||x_i x_i^T||_off^2
-    b2 = max(fourth - n * d2, 0.0) / n**2
-    shrink = 1.0 if d2 <= 0 else min(1.0, b2 / d2)
-    cov[off] *= 1.0 - shrink
-    return cov.numpy(), blocks
+    blocks = [list(range(bounds[i], bounds[i + 1])) for i in range(len(arrays))]
+    corr, _ = _correlation(np.concatenate(arrays, axis=1))
+    return corr, blocks, n
 
 
 def _gaussian_entropy(arr: np.ndarray, method: str) -> float:
+    """``1/2 [d ln(2 pi e) + ln det S - beta(n, d)] / ln 2`` bits (:func:`gaussian_logdet_bias`)."""
     _check_not_constant(arr, "x")
+    n, d = arr.shape
+    _check_gaussian_size(n, d)
     data = copula_normalize(arr) if method == "gcmi" else arr
-    cov, _ = ledoit_wolf_covariance(data)
-    d = cov.shape[0]
-    return 0.5 * (d * math.log(2 * math.pi * math.e) + _logdet(cov)) / LN2
+    corr, var = _correlation(data)
+    logdet = _logdet(corr) + float(np.log(var).sum())
+    return 0.5 * (d * math.log(2 * math.pi * math.e) + logdet - gaussian_logdet_bias(n, d)) / LN2
 
 
 # ----------------------------------------------------------------------------------------------
@@ -326,8 +404,8 @@ def ksg_backend(n: int, joint_dim: int) -> str:
     block, no tree whose pruning fails in high dimension). Both give identical values.
     ``n`` is accepted for future rules; it does not change the choice today.
     """
-    del n
-    return "tree" if joint_dim <= KSG_TREE_MAX_DIM else "torch"
+    as_int(n, "n", minimum=1, what="number of samples")
+    return "tree" if as_int(joint_dim, "joint_dim", minimum=1) <= KSG_TREE_MAX_DIM else "torch"
 
 
 def _jitter(arrays: Sequence[np.ndarray], scale: float, seed: int) -> list[np.ndarray]:
@@ -400,14 +478,13 @@ def _max_of(tensors: Sequence[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
 
 def _knn(blocks, spaces, k: int, backend: str):
     n = blocks[0].shape[0]
-    if not isinstance(k, (int, np.integer)) or k < 1:
-        raise InputError(f"k must be a positive integer; got {k!r}.")
+    k = _check_k(k)
     if n < k + 1:
         raise InputError(f"KSG with k={k} needs at least k + 1 = {k + 1} samples; got n={n}. "
                          "Use more samples or a smaller k.")
     dim = sum(b.shape[1] for b in blocks)
     chosen = ksg_backend(n, dim) if backend == "auto" else backend
-    if chosen not in ("tree", "torch"):
+    if not isinstance(chosen, str) or chosen not in ("tree", "torch"):
         raise InputError(f"backend must be 'auto', 'tree' or 'torch'; got {backend!r}.")
     eps, counts = (_knn_tree if chosen == "tree" else _knn_torch)(blocks, spaces, k)
     if np.any(eps <= 0):
@@ -422,7 +499,9 @@ KSG_MARGINALS = ("copula", "zscore", "none")
 
 def _ksg_prepare(arrays, names, jitter: float, seed: int, marginals: str):
     """Per-column transform (``marginals``), then seeded tie-breaking jitter."""
-    if marginals not in KSG_MARGINALS:
+    jitter = _check_jitter(jitter)
+    seed = as_int(seed, "seed", minimum=0)
+    if not isinstance(marginals, str) or marginals not in KSG_MARGINALS:
         raise InputError(f"marginals must be one of {KSG_MARGINALS}; got {marginals!r}.")
     for a, nm in zip(arrays, names):
         _check_not_constant(a, nm)
@@ -467,14 +546,17 @@ def entropy(x, method: str = "discrete", *, k: int = 3, miller_madow: bool = Tru
 
     - ``"discrete"``: ``-sum p log2 p + (m - 1) / (2 n ln 2)`` (Miller-Madow; off with
       ``miller_madow=False``); rows of a 2-D array are joint symbols.
-    - ``"gaussian"``: differential entropy ``1/2 log2((2 pi e)^d det S)`` with ``S`` the Ledoit-Wolf
-      covariance of ``x`` (not standardised: entropy depends on scale).
+    - ``"gaussian"``: differential entropy ``1/2 log2((2 pi e)^d det Sigma)`` of a Gaussian, with
+      ``ln det Sigma`` estimated without bias as ``ln det S - beta(n, d)`` (``S`` the sample
+      covariance of ``x``, ``beta`` from :func:`gaussian_logdet_bias`, Ince et al. 2017). Not
+      standardised: entropy depends on scale. Needs ``n > d``.
     - ``"gcmi"``: the same formula on the copula-normalised columns, i.e. ``d/2 log2(2 pi e)`` minus
       the Gaussian-copula total correlation. Only differences of such entropies are meaningful.
     - ``"ksg"``: Kozachenko-Leonenko in the max-norm (Kraskov et al. 2004, eq. 20):
       ``psi(n) - psi(k) + d <log(2 eps_i)>`` nats, ``eps_i`` the distance to the k-th neighbour.
     """
     _check_method(method)
+    _check_flag(miller_madow, "miller_madow")
     arr = _samples(x, "x", discrete=method == "discrete")
     if method == "discrete":
         return _entropy_of_codes(_symbols(arr), miller_madow)
@@ -491,20 +573,29 @@ def mutual_information(x, y, method: str = "discrete", *, k: int = 3, miller_mad
     - ``"discrete"``: ``H(X) + H(Y) - H(X,Y)`` with Miller-Madow corrected entropies, i.e. the
       plug-in MI plus ``(m_X + m_Y - m_XY - 1) / (2 n ln 2)``; may be slightly negative. Each variable
       needs at least two distinct values.
-    - ``"gaussian"``: ``1/2 log2(det S_x det S_y / det S)`` with ``S`` a shrinkage covariance: the
-      centred x and y are each whitened and their cross-covariance is shrunk towards 0 with the
-      Ledoit-Wolf intensity ``s`` (see :func:`_gaussianized`), i.e. the canonical correlations are
-      multiplied by ``1 - s``. Exactly invariant under invertible linear maps of x and of y; not
-      invariant under monotone non-linear maps (it does not claim to be). Bias on Gaussian data:
-      the unshrunk estimate is biased by about ``+dx dy / (2 n ln 2)`` bits; the shrinkage removes
-      this and, for weak dependence, overshoots to about ``-dx dy / (2 n ln 2)``. Standard deviation
-      about ``sqrt(sum_i rho_i^2 / n) / ln 2`` bits for canonical correlations ``rho_i``.
-    - ``"gcmi"``: the Gaussian formula on copula-normalised columns (Ince et al. 2017). Exactly
-      invariant under strictly monotone maps of any column (the ranks do not change). Exact in the
-      limit when the copula is Gaussian; otherwise a lower bound. Measured on Gaussian data at
-      n = 20000, d <= 10 per side, well-conditioned covariances (condition number <= 16):
-      ``|error| <= 0.02 bits + 1.5% of I`` (tested); the bias is negative. With nearly collinear
-      columns the rank noise is amplified (about -5% of I measured at condition number ~100).
+    - ``"gaussian"``: ``1/2 [ln det S_x + ln det S_y - ln det S - beta(n, dx) - beta(n, dy) +
+      beta(n, dx + dy)] / ln 2`` with ``S`` the plug-in (sample) covariance of ``(x, y)`` and ``beta``
+      the log-determinant bias of :func:`gaussian_logdet_bias` (Ince et al. 2017): each
+      log-determinant is unbiased, so the estimate is **unbiased on Gaussian data** for every
+      ``n > dx + dy``; it may be slightly negative when x and y are independent. Exactly invariant
+      under invertible linear maps of x and of y; not under monotone non-linear maps (it does not
+      claim to be). Measured (``tests/test_information.py`` sweeps the grid): over rho in [0, 0.99]
+      for ``d`` canonical pairs, ``d`` = 1-20, n = 500-1e5, 100 seeds per point, every mean error lies
+      within 2 standard errors of 0 (largest |mean| 0.025 bits at n = 500, d = 20). Standard deviation
+      about ``sqrt(sum_i rho_i^2 / n + dx dy / (2 n^2)) / ln 2`` bits for canonical correlations
+      ``rho_i``. (The Ledoit-Wolf shrinkage used before shrank every canonical correlation: 11.21
+      instead of 11.98 bits at d = 10, n = 1000, rho = 0.9, and -23.5 bits at d = 20, n = 500,
+      rho = 0.99; no shrinkage option is kept, since the corrected plug-in has no bias to trade
+      against variance. Where n is close to the dimension, reduce the dimension first.)
+    - ``"gcmi"``: the same bias-corrected formula on copula-normalised columns (Ince et al. 2017).
+      Exactly invariant under strictly monotone maps of any column (the ranks do not change). Exact
+      in the limit when the copula is Gaussian; otherwise a lower bound. On Gaussian data the rank
+      transform adds noise to the normal scores, which lowers strong correlations: measured over the
+      same grid, the bias is negative and within ``1.5 d rho^2 / (sqrt(1 - rho^2) n^0.8)`` bits
+      (plus noise) for ``d`` canonical pairs of correlation ``rho``. Largest measured bias per n
+      (all at d = 20, rho = 0.99, I = 56.5 bits): -1.09 bits at n = 500, -0.30 at 2000, -0.066 at
+      1e4, none detectable at 1e5 (|mean| <= 0.006); for rho <= 0.6 at most -0.075 bits (n = 500,
+      d = 20). With nearly collinear columns the rank noise is amplified further.
     - ``"ksg"``: Kraskov et al. (2004) algorithm 1 in the max-norm,
       ``psi(k) + psi(n) - <psi(n_x + 1) + psi(n_y + 1)>`` nats, with ``eps_i`` the distance to the
       k-th neighbour in the joint space and ``n_x`` the points strictly closer than ``eps_i`` in x.
@@ -520,6 +611,7 @@ def mutual_information(x, y, method: str = "discrete", *, k: int = 3, miller_mad
       Neighbour search: see :func:`ksg_backend`.
     """
     _check_method(method)
+    _check_flag(miller_madow, "miller_madow")
     disc = method == "discrete"
     xa, ya = _samples(x, "x", disc), _samples(y, "y", disc)
     _same_length(x=xa, y=ya)
@@ -530,8 +622,8 @@ def mutual_information(x, y, method: str = "discrete", *, k: int = 3, miller_mad
         hy = _entropy_of_codes(_symbols(ya), miller_madow)
         return hx + hy - _entropy_of_codes(_symbols(xa, ya), miller_madow)
     if method in ("gaussian", "gcmi"):
-        cov, (bx, by) = _gaussianized([xa, ya], ["x", "y"], method)
-        return _gaussian_info(cov, bx, by)
+        cov, (bx, by), n = _gaussianized([xa, ya], ["x", "y"], method)
+        return _gaussian_info(cov, n, bx, by)
     return _ksg_mi(xa, ya, k, jitter, seed, backend, marginals)
 
 
@@ -542,13 +634,15 @@ def conditional_mutual_information(x, y, z, method: str = "discrete", *, k: int 
 
     - ``"discrete"``: ``H(X,Z) + H(Y,Z) - H(X,Y,Z) - H(Z)`` with Miller-Madow corrected entropies.
     - ``"gaussian"`` / ``"gcmi"``: ``1/2 log2(det S_xz det S_yz / (det S_xyz det S_z))`` from the
-      shrinkage covariance of :func:`mutual_information` (x, y and z whitened separately, all
-      cross-covariances shrunk), on the raw (resp. copula-normalised) columns.
+      plug-in covariance, each log-determinant corrected by :func:`gaussian_logdet_bias` as in
+      :func:`mutual_information` (unbiased on Gaussian data), on the raw (resp. copula-normalised)
+      columns. Needs ``n > dx + dy + dz``.
     - ``"ksg"``: Frenzel & Pompe (2007): ``psi(k) - <psi(n_xz + 1) + psi(n_yz + 1) - psi(n_z + 1)>``
       nats, with ``eps_i`` the max-norm distance to the k-th neighbour in the joint (x, y, z) space;
       ``marginals`` and jitter as in :func:`mutual_information`. Biased downward like KSG MI.
     """
     _check_method(method)
+    _check_flag(miller_madow, "miller_madow")
     disc = method == "discrete"
     xa, ya, za = _samples(x, "x", disc), _samples(y, "y", disc), _samples(z, "z", disc)
     _same_length(x=xa, y=ya, z=za)
@@ -558,8 +652,8 @@ def conditional_mutual_information(x, y, z, method: str = "discrete", *, k: int 
         h = lambda *arrs: _entropy_of_codes(_symbols(*arrs), miller_madow)  # noqa: E731
         return h(xa, za) + h(ya, za) - h(xa, ya, za) - h(za)
     if method in ("gaussian", "gcmi"):
-        cov, (bx, by, bz) = _gaussianized([xa, ya, za], ["x", "y", "z"], method)
-        return _gaussian_info(cov, bx + bz, by) - _gaussian_info(cov, bz, by)
+        cov, (bx, by, bz), n = _gaussianized([xa, ya, za], ["x", "y", "z"], method)
+        return _gaussian_info(cov, n, bx + bz, by) - _gaussian_info(cov, n, bz, by)
     return _ksg_cmi(xa, ya, za, k, jitter, seed, backend, marginals)
 
 
@@ -576,9 +670,10 @@ def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) ->
     """
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
+    n_codes = as_int(n_codes, "n_codes", minimum=2, what="number of k-means codes")
+    seed = as_int(seed, "seed", minimum=0)
+    minibatch_above = as_int(minibatch_above, "minibatch_above", minimum=1)
     arr = _samples(x, "x")
-    if not isinstance(n_codes, (int, np.integer)) or n_codes < 2:
-        raise InputError(f"n_codes must be an integer >= 2; got {n_codes!r}.")
     n_distinct = np.unique(arr, axis=0).shape[0]
     if n_distinct < n_codes:
         raise InputError(f"x has {n_distinct} distinct rows, fewer than n_codes={n_codes}; "
@@ -606,23 +701,48 @@ class ShuffleResult:
         return self.observed - self.null_mean
 
 
+def _rng_kwarg(func: Callable, seed: int) -> dict:
+    """``rng=`` for SciPy >= 1.15, ``random_state=`` before (both seeded with ``seed``)."""
+    import inspect
+
+    key = "rng" if "rng" in inspect.signature(func).parameters else "random_state"
+    return {key: np.random.default_rng(seed)}
+
+
+def _check_estimator(estimator) -> None:
+    if not callable(estimator):
+        raise InputError(f"estimator must be a function of the arrays returning a float (e.g. "
+                         f"lambda a, b: mutual_information(a, b, 'gcmi')); got {type(estimator).__name__}.")
+
+
+def _batch(n: int) -> int:
+    """Resamples per batch so that one batch of row indices stays near 8 MB."""
+    return max(1, 1_000_000 // n)
+
+
 def shuffle_baseline(estimator: Callable[..., float], x, y, n_shuffles: int = 100,
                      seed: int = 0) -> ShuffleResult:
     """Permutation null of ``estimator(x, y)``: recompute it with the rows of ``y`` shuffled.
 
+    Runs ``scipy.stats.permutation_test(permutation_type="pairings", alternative="greater")`` on the
+    row indices of ``y`` (so ``x`` and ``y`` may be multivariate and of any dtype; ``x`` stays fixed).
     ``p_value = (1 + #{null >= observed}) / (1 + n_shuffles)`` (one-sided, valid for any estimator;
-    Phipson & Smyth 2010). ``x`` and ``y`` may be arrays or tensors with the same first axis.
+    Phipson & Smyth 2010); SciPy counts null values within ``100 eps |observed|`` of ``observed`` as
+    ``>=``, so round-off cannot lower the p-value. When ``n_shuffles >= n!`` (n <= 5 rows) SciPy
+    enumerates all ``n!`` pairings instead: ``null`` then has ``n!`` entries and the p-value is exact
+    (no ``+1``). ``x`` and ``y`` may be arrays or tensors with the same first axis.
     """
-    if n_shuffles < 1:
-        raise InputError(f"n_shuffles must be >= 1; got {n_shuffles}.")
-    xa, ya = as_numpy(x, "x", dtype=None), as_numpy(y, "y", dtype=None)
-    n = _same_length(x=np.atleast_1d(xa), y=np.atleast_1d(ya))
-    rng = np.random.default_rng(seed)
+    _check_estimator(estimator)
+    n_shuffles = as_int(n_shuffles, "n_shuffles", minimum=1, what="number of permutations")
+    seed = as_int(seed, "seed", minimum=0)
+    (xa, ya), n = _paired_rows([x, y], ["x", "y"])
     observed = float(estimator(xa, ya))
-    null = np.array([estimator(xa, ya[rng.permutation(n)]) for _ in range(n_shuffles)], dtype=float)
-    p = (1.0 + np.count_nonzero(null >= observed)) / (1.0 + n_shuffles)
-    return ShuffleResult(observed, null, float(null.mean()), float(null.std(ddof=1)) if n_shuffles > 1
-                         else 0.0, float(p))
+    res = sps.permutation_test((np.arange(n),), lambda idx: float(estimator(xa, ya[idx])),
+                               permutation_type="pairings", vectorized=False, n_resamples=n_shuffles,
+                               alternative="greater", batch=_batch(n), **_rng_kwarg(sps.permutation_test, seed))
+    null = np.asarray(res.null_distribution, dtype=float)
+    return ShuffleResult(observed, null, float(null.mean()), float(null.std(ddof=1)) if null.size > 1
+                         else 0.0, float(res.pvalue))
 
 
 @dataclass(frozen=True)
@@ -640,25 +760,28 @@ def bootstrap_ci(estimator: Callable[..., float], *arrays, n_boot: int = 200, le
                  seed: int = 0) -> BootstrapCI:
     """Percentile bootstrap CI of ``estimator(*arrays)``, resampling rows of all arrays jointly.
 
+    Runs ``scipy.stats.bootstrap(method="percentile")`` on the row indices, so the arrays are
+    resampled as pairs (row ``i`` of every array together) and may be multivariate: ``low`` and
+    ``high`` are the ``(1 - level)/2`` and ``(1 + level)/2`` quantiles of the ``n_boot`` values of
+    ``estimator(*[a[idx] for a in arrays])``, ``idx`` drawn with replacement (Efron & Tibshirani 1993).
+
     Note: resampling duplicates rows, which biases nearest-neighbour (KSG) and plug-in estimators;
     read the interval as the estimator's sampling spread, not as an interval for the true value.
     """
+    _check_estimator(estimator)
     if not arrays:
         raise InputError("bootstrap_ci needs at least one array to resample.")
-    if not 0 < level < 1:
-        raise InputError(f"level must be in (0, 1); got {level}.")
-    if n_boot < 2:
-        raise InputError(f"n_boot must be >= 2; got {n_boot}.")
-    arrs = [as_numpy(a, f"arrays[{i}]", dtype=None) for i, a in enumerate(arrays)]
-    n = _same_length(**{f"arrays[{i}]": np.atleast_1d(a) for i, a in enumerate(arrs)})
-    rng = np.random.default_rng(seed)
+    level = as_probability_level(level, "level")
+    n_boot = as_int(n_boot, "n_boot", minimum=2, what="number of bootstrap resamples")
+    seed = as_int(seed, "seed", minimum=0)
+    arrs, n = _paired_rows(arrays, [f"arrays[{i}]" for i in range(len(arrays))])
     estimate = float(estimator(*arrs))
-    samples = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        samples[b] = estimator(*[a[idx] for a in arrs])
-    lo, hi = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2])
-    return BootstrapCI(estimate, float(lo), float(hi), level, samples)
+    res = sps.bootstrap((np.arange(n),), lambda idx: float(estimator(*[a[idx] for a in arrs])),
+                        n_resamples=n_boot, batch=_batch(n), vectorized=False, confidence_level=level,
+                        method="percentile", **_rng_kwarg(sps.bootstrap, seed))
+    samples = np.asarray(res.bootstrap_distribution, dtype=float)
+    ci = res.confidence_interval
+    return BootstrapCI(estimate, float(ci.low), float(ci.high), level, samples)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -871,8 +994,9 @@ def pid(x1, x2, y, method: str = "broja") -> PIDResult:
       (plug-in: no bias correction; compare with :func:`shuffle_baseline`).
     - ``"gaussian"``: MMI PID for jointly Gaussian variables (Barrett 2015, "Exploration of
       synergistic and redundant information sharing in static and dynamical Gaussian systems"):
-      ``I(Y;X1)``, ``I(Y;X2)``, ``I(Y;X1,X2)`` from one Ledoit-Wolf correlation of the z-scored
-      ``[x1, x2, y]``, then ``SI = min(I(Y;X1), I(Y;X2))``. ``x1``, ``x2``, ``y`` may be multivariate.
+      ``I(Y;X1)``, ``I(Y;X2)``, ``I(Y;X1,X2)`` from one plug-in correlation matrix of
+      ``[x1, x2, y]`` with the bias correction of :func:`gaussian_logdet_bias` (as in
+      :func:`mutual_information`), then ``SI = min(I(Y;X1), I(Y;X2))``. ``x1``, ``x2``, ``y`` may be multivariate.
       For hidden states apply it to PCA-reduced pooled states (e.g. the top 8-16 components per
       modality), since the covariance must be well estimated.
     """
@@ -889,7 +1013,7 @@ def pid(x1, x2, y, method: str = "broja") -> PIDResult:
         table = np.zeros((c1.max() + 1, c2.max() + 1, cy.max() + 1))
         np.add.at(table, (c1, c2, cy), 1.0)
         return pid_from_table(table, method)
-    cov, (b1, b2, by) = _gaussianized([a1, a2, ay], ["x1", "x2", "y"], "gaussian")
-    i1, i2 = _gaussian_info(cov, b1, by), _gaussian_info(cov, b2, by)
-    i12 = _gaussian_info(cov, b1 + b2, by)
+    cov, (b1, b2, by), n = _gaussianized([a1, a2, ay], ["x1", "x2", "y"], "gaussian")
+    i1, i2 = _gaussian_info(cov, n, b1, by), _gaussian_info(cov, n, b2, by)
+    i12 = _gaussian_info(cov, n, b1 + b2, by)
     return _atoms_from_union(i1, i2, i12, max(i1, i2), "gaussian")
