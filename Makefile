@@ -9,8 +9,15 @@ STAMP  := $(VENV)/.installed
 TORCH  ?= torch==2.13.0
 CHAPTERS := $(sort $(wildcard book/*.ipynb))
 KERNEL := python3
+# MathJax 3, served by the site itself (no CDN): npm puts it under .cache/mathjax, _config.yml's
+# html_static_path copies it into _build/html/_static/mathjax and mathjax_path points there.
+MATHJAX_VERSION := 3.2.2
+MATHJAX := .cache/mathjax/node_modules/mathjax/es5/tex-chtml.js
+# system packages (npm, chromium) come from Debian's apt; as root directly, otherwise through sudo
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 
-.PHONY: test book chapters html install clean bench help
+.PHONY: test book chapters html install mathjax clean bench help
 
 help:
 	@echo "make test   - install into .venv and run every test"
@@ -29,6 +36,13 @@ $(STAMP): $(PY) pyproject.toml
 
 install: $(STAMP)
 
+$(MATHJAX):
+	@command -v npm >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install -y -qq npm; }
+	npm install --prefix .cache/mathjax --no-audit --no-fund --silent mathjax@$(MATHJAX_VERSION)
+	@test -f $@
+
+mathjax: $(MATHJAX)
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 
@@ -38,7 +52,7 @@ chapters: $(STAMP)
 	  $(PY) -m papermill --kernel $(KERNEL) --cwd book "$$nb" "$$nb" --log-level ERROR || exit 1; \
 	done
 
-html: $(STAMP)
+html: $(STAMP) $(MATHJAX)
 	$(VENV)/bin/jupyter-book build . --path-output . --warningiserror --keep-going
 
 book: chapters html
@@ -48,4 +62,4 @@ bench: $(STAMP)
 	@for b in benchmarks/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
-	rm -rf _build .pytest_cache
+	rm -rf _build .pytest_cache .cache

@@ -59,14 +59,20 @@ def test_site_builds(tmp_path: Path):
     jb = Path(sys.executable).with_name("jupyter-book")
     if not jb.exists():
         pytest.skip("jupyter-book is not installed (install the `book` extra)")
+    mathjax = ROOT / ".cache" / "mathjax" / "node_modules" / "mathjax" / "es5" / "tex-chtml.js"
+    if not mathjax.exists():
+        pytest.fail("MathJax is not installed under .cache/mathjax (the site serves it itself): run `make mathjax`")
     site = tmp_path / "site"
     shutil.copytree(ROOT / "book", site / "book")
     for name in ("_config.yml", "_toc.yml"):
         shutil.copy(ROOT / name, site / name)
+    (site / ".cache").symlink_to(ROOT / ".cache")
     result = subprocess.run([str(jb), "build", str(site), "--warningiserror", "--keep-going"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     intro = (site / "_build" / "html" / "book" / "intro.html").read_text()
     assert "skip layers" in intro
+    assert "_static/mathjax/es5/tex-chtml.js" in intro and "cdn.jsdelivr.net/npm/mathjax" not in intro
+    assert (site / "_build" / "html" / "_static" / "mathjax" / "es5" / "output" / "chtml" / "fonts").is_dir()
     for nb in CHAPTERS:
         assert (site / "_build" / "html" / "book" / f"{nb.stem}.html").exists()
