@@ -12,7 +12,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy import stats
 
 from skipit_core.errors import InputError, NumericalError, SkipitError
 from skipit_core.information import conditional_entropy_from_table
@@ -23,17 +22,14 @@ from skipit_core.theory import (
     band_gap_bound,
     bayes_error,
     bayes_gap_bound,
-    clopper_pearson,
     fano_bound,
     geometric_gap_bound,
     geometric_gap_bound_expected,
-    hoeffding_upper,
     layer_attention_removal_bound,
     output_projection_norms,
     layer_attention_removal_change,
     lipschitz_estimate,
     proximal_gap_bound,
-    wilson_interval,
 )
 
 
@@ -337,48 +333,82 @@ def test_lipschitz_nonlinear_is_a_lower_estimate_and_checks_input():
         lipschitz_estimate(fn, torch.full((2, 6), float("nan"), dtype=torch.float64))
 
 
-# ----------------------------------------------------------------------------------------------
-# certificates
-# ----------------------------------------------------------------------------------------------
-
-def test_intervals_known_values():
-    lo, hi = wilson_interval(8, 10)
-    assert (lo, hi) == pytest.approx((0.4902, 0.9433), abs=1e-4)
-    lo, hi = clopper_pearson(8, 10)
-    assert (lo, hi) == pytest.approx((0.4439, 0.9748), abs=1e-4)
-    assert clopper_pearson(0, 50, side="upper")[1] == pytest.approx(1 - 0.05 ** (1 / 50))
-    assert clopper_pearson(50, 50)[1] == 1.0 and clopper_pearson(0, 50)[0] == 0.0
-    assert hoeffding_upper(10, 100) == pytest.approx(0.1 + math.sqrt(math.log(20) / 200))
-
-
-def test_interval_coverage_exact_over_binomial():
-    n, conf = 30, 0.95
-    ks = np.arange(n + 1)
-    cp_lo, cp_hi = clopper_pearson(ks, n, conf)
-    up = clopper_pearson(ks, n, conf, side="upper")[1]
-    hoeff = hoeffding_upper(ks, n, conf)
-    w_lo, w_hi = wilson_interval(ks, n, conf)
-    wilson_cov = []
-    for p in np.linspace(0.01, 0.99, 99):
-        pmf = stats.binom.pmf(ks, n, p)
-        assert pmf[(cp_lo <= p) & (p <= cp_hi)].sum() >= conf - 1e-9
-        assert pmf[p <= up].sum() >= conf - 1e-9
-        assert pmf[p <= hoeff].sum() >= conf - 1e-9
-        wilson_cov.append(pmf[(w_lo <= p) & (p <= w_hi)].sum())
-    assert 0.93 <= np.mean(wilson_cov) <= 0.97  # Wilson: near nominal on average, not guaranteed
-
-
-def test_certificates_reject_bad_counts():
-    with pytest.raises(InputError, match="0 <= k <= n"):
-        wilson_interval(11, 10)
-    with pytest.raises(InputError, match="confidence"):
-        clopper_pearson(1, 10, confidence=1.5)
-    with pytest.raises(SkipitError):
-        hoeffding_upper(1.5, 10)
-
-
 def test_bound_repr_is_readable():
     b = bayes_gap_bound(1.0)
     assert isinstance(b, Bound) and b.value == 0.5 and float(b) == 0.5
     text = repr(b)
     assert "T3" in text and "0.5" in text and "H(X_l|X_l-1)=1" in text
+
+
+# ----------------------------------------------------------------------------------------------
+# bad input (issue 10: every bad input gets an InputError that says what to do)
+# ----------------------------------------------------------------------------------------------
+
+def test_counts_are_integer_likes_not_bools_floats_or_strings():
+    ok = geometric_gap_bound_expected(1.0, 3, 0.1).value
+    for n in (np.int64(3), torch.tensor(3)):
+        assert geometric_gap_bound_expected(1.0, n, 0.1).value == ok
+    assert fano_bound(2.0, torch.tensor(5)).value == fano_bound(2.0, 5).value
+    for bad, message in [(True, "bool"), ("3", "type str"), (3.0, "type float"), (0, "positive integer")]:
+        with pytest.raises(InputError, match=f"n_tokens must be .*{message}"):
+            geometric_gap_bound_expected(1.0, bad, 0.1)
+        with pytest.raises(InputError, match="n_tokens"):
+            proximal_gap_bound(1.0, bad, 0.1, 0.01)
+        with pytest.raises(InputError, match="alphabet_size"):
+            fano_bound(0.5, bad)
+    with pytest.raises(InputError, match="n_heads"):
+        output_projection_norms(np.eye(4), 0)
+    with pytest.raises(InputError, match="n_heads"):
+        output_projection_norms(np.eye(4), 2.0)
+
+
+def test_real_parameters_reject_bools_strings_and_nan():
+    for bad in (True, "1.0", None, float("nan")):
+        with pytest.raises(InputError, match="alpha"):
+            geometric_gap_bound(bad, [0.1])
+        with pytest.raises(InputError, match="cond_entropy_bits"):
+            bayes_gap_bound(bad)
+        with pytest.raises(InputError, match="delta"):
+            proximal_gap_bound(1.0, 3, 0.1, bad)
+    with pytest.raises(InputError, match="cos_dists is None"):
+        geometric_gap_bound(1.0, None)
+
+
+def test_band_bound_needs_beta_and_text_together():
+    band = np.full((2, 3), 0.1)
+    with pytest.raises(InputError, match="both beta and text_band_cos_dists"):
+        band_gap_bound(1.0, band, beta=1.0)  # was a NaN error about a missing array
+    with pytest.raises(InputError, match="both beta and text_band_cos_dists"):
+        band_gap_bound(1.0, band, text_band_cos_dists=band)  # was silently ignored
+    with pytest.raises(InputError, match="same 2 layers"):
+        band_gap_bound(1.0, band, beta=1.0, text_band_cos_dists=np.full((3, 3), 0.1))
+    both = band_gap_bound(1.0, band, beta=2.0, text_band_cos_dists=band).value
+    assert both == pytest.approx(3 * 2 * math.sqrt(2 * 0.3))
+
+
+def test_attention_inputs_must_be_softmax_rows_over_the_same_keys():
+    rng = np.random.default_rng(30)
+    v = rng.standard_normal((5, 3))
+    mask = np.array([1, 1, 0, 0, 0], dtype=bool)
+    with pytest.raises(InputError, match=r"must have shape \(5,\)"):
+        attention_removal_bound(np.ones(1), v, mask)  # broadcast silently before
+    with pytest.raises(InputError, match="softmax probabilities.*not the scores"):
+        attention_removal_bound(np.array([0.1, 0.2, 3.0, -1.0, 0.5]), v, mask)  # logits
+    with pytest.raises(InputError, match="softmax"):
+        attention_removal_change(np.full(5, 0.5), v, mask)
+    with pytest.raises(InputError, match="boolean mask"):
+        attention_removal_bound(np.full(5, 0.2), v, np.array([0.5, 0.5, 0, 0, 0]))
+    with pytest.raises(InputError, match="tau has shape"):
+        attention_removal_bound(np.full(2, 0.2), np.broadcast_to(v, (3, 5, 3)), mask)  # 3 queries, 2 taus
+    assert attention_removal_bound(np.full(5, 0.2), v, mask.astype(int)).value == pytest.approx(
+        attention_removal_bound(np.full(5, 0.2), v, mask).value)
+
+
+def test_lipschitz_estimate_checks_its_numbers():
+    x = torch.ones(3, 2, dtype=torch.float64)
+    for kw, message in [({"step": float("nan")}, "finite step"), ({"n_random": 2.5}, "n_random"),
+                        ({"n_random": True}, "n_random"), ({"power_iters": -1}, "power_iters"),
+                        ({"seed": -1}, "seed"), ({"quantile": "0.9"}, "quantile")]:
+        with pytest.raises(SkipitError, match=message):
+            lipschitz_estimate(lambda t: 2 * t, x, **kw)
+    assert lipschitz_estimate(lambda t: 2 * t, x, n_random=np.int64(2)).max == pytest.approx(2.0)

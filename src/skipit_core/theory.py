@@ -1,4 +1,4 @@
-"""The theorems of THEORY.md as functions: measured quantities in, numeric bounds out.
+"""The theorems of docs/THEORY.md as functions: measured quantities in, numeric bounds out.
 
 One function per theorem (T1-T5). Each returns a :class:`Bound`: the value, the theorem's name,
 the constants it used and the statement it instantiates, so a chapter can print exactly what was
@@ -6,8 +6,9 @@ assumed. Exact companions (:func:`bayes_error`, :func:`attention_removal_change`
 quantity a bound controls, so tests and chapters can put the two side by side.
 
 Also here: :func:`lipschitz_estimate` (empirical Lipschitz constants alpha, beta of a downstream
-map, so T1/T2 give numbers for a real model) and finite-sample certificates for tail probabilities
-and accuracies (:func:`hoeffding_upper`, :func:`clopper_pearson`, :func:`wilson_interval`).
+map, so T1/T2 give numbers for a real model). The finite-sample certificates for tail probabilities
+and accuracies (:func:`hoeffding_upper`, :func:`hoeffding_mean_upper`, :func:`clopper_pearson`,
+:func:`wilson_interval`) live in :mod:`skipit_core.stats` and are re-exported here.
 
 Units: information in bits; cosine distances ``d(a, b) = 1 - <a, b> / (|a| |b|)`` in [0, 2].
 """
@@ -24,7 +25,8 @@ from scipy import optimize, stats
 
 from .errors import InputError, NumericalError
 from .information import conditional_entropy_from_table
-from .utils import as_numpy, check_finite
+from .stats import clopper_pearson, hoeffding_mean_upper, hoeffding_upper, wilson_interval
+from .utils import as_int, as_numpy, check_finite
 
 __all__ = [
     "Bound",
@@ -44,6 +46,7 @@ __all__ = [
     "LipschitzEstimate",
     "lipschitz_estimate",
     "hoeffding_upper",
+    "hoeffding_mean_upper",
     "clopper_pearson",
     "wilson_interval",
 ]
@@ -84,21 +87,33 @@ def _short(v) -> str:
     return repr(v)
 
 
+def _real(value, name: str, what: str = "a finite number") -> float:
+    """``value`` as a float: a real number (Python, NumPy or 0-d tensor), not a bool or a string."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise InputError(f"{name} must be {what}; got {value!r}.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"{name} must be {what}; got {value!r} of type {type(value).__name__}.") from None
+
+
 def _nonneg(value, name: str) -> float:
-    v = float(value)
+    v = _real(value, name, "a finite number >= 0")
     if not math.isfinite(v) or v < 0:
         raise InputError(f"{name} must be a finite number >= 0; got {value!r}.")
     return v
 
 
 def _prob(value, name: str) -> float:
-    v = float(value)
+    v = _real(value, name, "a probability in [0, 1]")
     if not 0.0 <= v <= 1.0:
         raise InputError(f"{name} must be a probability in [0, 1]; got {value!r}.")
     return v
 
 
 def _cos_dists(d, name: str) -> np.ndarray:
+    if d is None:
+        raise InputError(f"{name} is None; pass one cosine distance per token.")
     arr = check_finite(as_numpy(d, name), name)
     if arr.size == 0:
         raise InputError(f"{name} is empty; pass one cosine distance per token.")
@@ -167,6 +182,8 @@ def band_gap_bound(alpha: float, band_cos_dists, beta: float | None = None, text
     ``||x_hat_b - x_hat_(a-1)||_F`` by the sum of the per-layer drifts ``sqrt(2 sum_i d_{l,i})``.
     """
     a = _nonneg(alpha, "alpha")
+    if (beta is None) != (text_band_cos_dists is None):
+        raise InputError("pass both beta and text_band_cos_dists (text tokens skipped too) or neither.")
     d = _cos_dists(band_cos_dists, "band_cos_dists")
     if d.ndim != 2:
         raise InputError(f"band_cos_dists must have shape (n_layers_in_band, n_tokens); got {d.shape}.")
@@ -175,6 +192,9 @@ def band_gap_bound(alpha: float, band_cos_dists, beta: float | None = None, text
     consts = {"alpha": a, "n_layers": int(d.shape[0]), "per_layer_drift": per_layer}
     if beta is not None:
         dt = _cos_dists(text_band_cos_dists, "text_band_cos_dists")
+        if dt.ndim < 2 or dt.shape[0] != d.shape[0]:
+            raise InputError(f"text_band_cos_dists must have shape (n_layers_in_band, n_text_tokens) with the "
+                             f"same {d.shape[0]} layers as band_cos_dists; got {dt.shape}.")
         b = _nonneg(beta, "beta")
         value += b * float(np.sqrt(2.0 * dt.reshape(dt.shape[0], -1).sum(1)).sum())
         consts["beta"] = b
@@ -206,9 +226,7 @@ def proximal_gap_bound(alpha: float, n_tokens: int, eps: float, delta: float,
 
 
 def _count(n, name: str) -> int:
-    if not float(n).is_integer() or int(n) < 1:
-        raise InputError(f"{name} must be a positive integer; got {n!r}.")
-    return int(n)
+    return as_int(n, name, minimum=1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,7 +240,7 @@ def bayes_gap_bound(cond_entropy_bits: float) -> Bound:
     ``P(g(X_{l-1}) != X_l) <= 1 - E 2^{-H(X_l|X_{l-1}=x)} <= 1 - 2^{-H(X_l|X_{l-1})}``
     (``max_x p(x|y) >= 2^{-H(X|Y=y)}``, then Jensen). ``cond_entropy_bits`` = ``H(X_l | X_{l-1})``.
     """
-    h = float(cond_entropy_bits)
+    h = _real(cond_entropy_bits, "cond_entropy_bits", "a conditional entropy in bits (a number >= 0)")
     if not math.isfinite(h) or h < -1e-9:
         raise InputError(f"cond_entropy_bits must be a finite conditional entropy >= 0; got {h!r}.")
     h = max(h, 0.0)
@@ -257,13 +275,13 @@ def fano_bound(cond_entropy_bits: float, alphabet_size: int, form: str = "weak")
     used and ``constants['form']`` says so. ``form="exact"`` inverts the full Fano inequality
     numerically for any alphabet (tighter). ``|X_l| = 1`` gives 0.
     """
-    h = float(cond_entropy_bits)
+    h = _real(cond_entropy_bits, "cond_entropy_bits", "a conditional entropy in bits (a number >= 0)")
     k = _count(alphabet_size, "alphabet_size")
     if not math.isfinite(h) or h < -1e-9 or h > math.log2(k) + 1e-9:
         raise InputError(f"cond_entropy_bits={h!r} is impossible for an alphabet of {k} values: it must lie "
                          f"in [0, log2({k})] = [0, {math.log2(k):.4g}]. Check alphabet_size (count all values "
                          "X_l can take).")
-    if form not in ("weak", "exact"):
+    if not isinstance(form, str) or form not in ("weak", "exact"):
         raise InputError(f"form must be 'weak' or 'exact'; got {form!r}.")
     h = min(max(h, 0.0), math.log2(k))
     used = form if k > 2 else "exact (binary)"
@@ -295,7 +313,12 @@ def _invert_fano(h: float, k: int) -> float:
 def _attention_inputs(attn, values, vision_mask):
     v = check_finite(as_numpy(values, "values"), "values")
     a = check_finite(as_numpy(attn, "attn"), "attn")
-    mask = as_numpy(vision_mask, "vision_mask", dtype=bool)
+    raw_mask = as_numpy(vision_mask, "vision_mask", dtype=None)
+    if raw_mask.ndim != 1 or not np.isin(raw_mask, (0, 1)).all():
+        raise InputError(f"vision_mask must be a 1-D boolean mask over the keys (True = vision key); got "
+                         f"shape {raw_mask.shape}, values {np.unique(raw_mask)[:5].tolist()}. Build it as "
+                         "input_ids == image_token_id.")
+    mask = raw_mask.astype(bool)
     if v.ndim < 2:
         raise InputError(f"values must have shape (..., n_keys, d_v); got {v.shape}.")
     if mask.shape[-1] != v.shape[-2]:
@@ -303,7 +326,22 @@ def _attention_inputs(attn, values, vision_mask):
                          "build the mask from input_ids == image_token_id for the same key positions.")
     if not mask.any() or mask.all():
         raise InputError("vision_mask must mark at least one vision key and leave at least one text key.")
+    if a.ndim == v.ndim - 1:
+        _check_softmax_rows(a, v.shape[:-1])
     return a, v, mask
+
+
+def _check_softmax_rows(a: np.ndarray, shape: tuple) -> None:
+    """Attention rows must be softmax outputs over the same keys as ``values``: shape, range, sum 1."""
+    if a.shape != tuple(shape):
+        raise InputError(f"attention rows have shape {a.shape}; with these values they must have shape "
+                         f"{tuple(shape)} (values without d_v: one weight per key).")
+    sums = a.sum(-1)
+    if np.any(a < -1e-6) or np.any(np.abs(sums - 1.0) > 1e-3):
+        raise InputError(f"attention rows must be softmax probabilities (>= 0, each row summing to 1); got "
+                         f"entries in [{a.min():.3g}, {a.max():.3g}] and row sums in [{sums.min():.4g}, "
+                         f"{sums.max():.4g}]. Pass softmax(scores), not the scores; renormalise rows "
+                         "restricted to real keys (rows / rows.sum(-1, keepdims=True)).")
 
 
 def attention_removal_bound(attn_row_or_tau, values, vision_mask) -> Bound:
@@ -320,6 +358,9 @@ def attention_removal_bound(attn_row_or_tau, values, vision_mask) -> Bound:
     if a.ndim == v.ndim - 1:
         tau = (a * mask).sum(-1)
     elif a.ndim == v.ndim - 2:
+        if a.shape != v.shape[:-2]:
+            raise InputError(f"tau has shape {a.shape}; with values {v.shape} pass one tau per query, "
+                             f"shape {v.shape[:-2]}.")
         tau = a
     else:
         raise InputError(f"attn_row_or_tau has shape {a.shape}; with values {v.shape} pass rows "
@@ -370,6 +411,7 @@ def _spectral_norm(w: np.ndarray) -> float:
 def output_projection_norms(w_o, n_heads: int) -> tuple[float, np.ndarray]:
     """``(|W_O|_2, [|W_O^(h)|_2 for each head])`` of an output projection weight ``(d_model, H d_head)``:
     the constants :func:`layer_attention_removal_bound` needs, to compute once per layer."""
+    n_heads = _count(n_heads, "n_heads")
     w = check_finite(as_numpy(w_o, "w_o"), "w_o")
     if w.ndim != 2 or w.shape[1] % n_heads:
         raise InputError(f"w_o must be (d_model, n_heads * d_head) with n_heads = {n_heads}; got {w.shape}.")
@@ -390,7 +432,7 @@ def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o, form: str
     of a 4096 x 4096 matrix takes seconds, so pass ``w_o_norm`` (and ``head_norms``, the ``H`` values
     ``|W_O^(h)|_2``) when you call this repeatedly with the same ``w_o``.
     """
-    if form not in ("spectral", "per_head"):
+    if not isinstance(form, str) or form not in ("spectral", "per_head"):
         raise InputError(f"form must be 'spectral' or 'per_head'; got {form!r}.")
     a, v, mask = _attention_inputs(attn_rows, values, vision_mask)
     n_heads, d_head = v.shape[-3], v.shape[-1]
@@ -487,8 +529,12 @@ def lipschitz_estimate(fn: Callable[[torch.Tensor], torch.Tensor], x, directions
         raise InputError(f"x must be a float tensor (n, ...) of samples; got {xt.dtype} {tuple(xt.shape)}.")
     if not torch.isfinite(xt).all():
         raise NumericalError("x holds NaN/inf; drop or impute those samples first.")
-    if step <= 0 or not 0 < quantile <= 1:
-        raise InputError(f"need step > 0 and quantile in (0, 1]; got step={step}, quantile={quantile}.")
+    step, quantile = _real(step, "step"), _real(quantile, "quantile")
+    if not (math.isfinite(step) and step > 0) or not 0 < quantile <= 1:
+        raise InputError(f"need a finite step > 0 and quantile in (0, 1]; got step={step}, quantile={quantile}.")
+    n_random = as_int(n_random, "n_random", minimum=0, what="number of random directions")
+    power_iters = as_int(power_iters, "power_iters", minimum=0)
+    seed = as_int(seed, "seed", minimum=0)
     dirs = _given_directions(directions, xt)
     n_given = len(dirs)
     gen = torch.Generator().manual_seed(seed)
@@ -524,63 +570,5 @@ def _given_directions(directions, xt: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# finite-sample certificates
-# ----------------------------------------------------------------------------------------------
-
-def _binom_inputs(k, n, confidence):
-    ka, na = np.asarray(k, dtype=float), np.asarray(n, dtype=float)
-    if np.any(na < 1) or np.any(ka < 0) or np.any(ka > na) or np.any(ka % 1) or np.any(na % 1):
-        raise InputError(f"need integer counts 0 <= k <= n with n >= 1; got k={k!r}, n={n!r}.")
-    if not 0 < confidence < 1:
-        raise InputError(f"confidence must be in (0, 1), e.g. 0.95; got {confidence!r}.")
-    return ka, na, 1.0 - confidence
-
-
-def _out(v):
-    return float(v) if np.ndim(v) == 0 else v
-
-
-def hoeffding_upper(k, n, confidence: float = 0.95):
-    """One-sided Hoeffding upper bound on a probability from k successes in n independent trials.
-
-    ``P(p <= k/n + sqrt(ln(1/alpha) / (2n))) >= 1 - alpha`` (Hoeffding 1963), clipped at 1.
-    The trials must be independent (e.g. images, not tokens of one image).
-    """
-    ka, na, alpha = _binom_inputs(k, n, confidence)
-    return _out(np.minimum(1.0, ka / na + np.sqrt(np.log(1.0 / alpha) / (2.0 * na))))
-
-
-def clopper_pearson(k, n, confidence: float = 0.95, side: str = "two-sided"):
-    """Exact binomial (Clopper & Pearson 1934) interval ``(low, high)`` for a probability.
-
-    Two-sided: ``low = Beta^{-1}(alpha/2; k, n-k+1)``, ``high = Beta^{-1}(1-alpha/2; k+1, n-k)``
-    (0 and 1 at the ends). ``side="upper"``: ``(0, Beta^{-1}(1-alpha; k+1, n-k))``;
-    ``side="lower"``: ``(Beta^{-1}(alpha; k, n-k+1), 1)``. Coverage is at least ``confidence``.
-    """
-    ka, na, alpha = _binom_inputs(k, n, confidence)
-    if side not in ("two-sided", "upper", "lower"):
-        raise InputError(f"side must be 'two-sided', 'upper' or 'lower'; got {side!r}.")
-    a_lo = alpha / 2 if side == "two-sided" else alpha
-    with np.errstate(invalid="ignore"):
-        lo = np.where(ka > 0, stats.beta.ppf(a_lo, ka, na - ka + 1), 0.0)
-        hi = np.where(ka < na, stats.beta.ppf(1 - a_lo, ka + 1, na - ka), 1.0)
-    if side == "upper":
-        lo = np.zeros_like(lo)
-    if side == "lower":
-        hi = np.ones_like(hi)
-    return _out(lo), _out(hi)
-
-
-def wilson_interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval ``(low, high)`` for an accuracy k/n (Wilson 1927).
-
-    ``(p + z^2/(2n) +- z sqrt(p(1-p)/n + z^2/(4n^2))) / (1 + z^2/n)``, ``z = Phi^{-1}(1 - alpha/2)``.
-    """
-    ka, na, alpha = _binom_inputs(k, n, confidence)
-    z = stats.norm.ppf(1.0 - alpha / 2.0)
-    p = ka / na
-    denom = 1.0 + z * z / na
-    centre = (p + z * z / (2.0 * na)) / denom
-    half = z * np.sqrt(p * (1.0 - p) / na + z * z / (4.0 * na * na)) / denom
-    return _out(np.clip(centre - half, 0.0, 1.0)), _out(np.clip(centre + half, 0.0, 1.0))
+# the finite-sample certificates (hoeffding_upper, hoeffding_mean_upper, clopper_pearson,
+# wilson_interval) are defined in skipit_core.stats and imported above, so theory.<name> keeps working.
