@@ -70,6 +70,7 @@ def test_set_seed_repeats_draws_and_leaves_pythonhashseed_alone(monkeypatch):
 
 def test_import_skipit_core_does_not_load_torch():
     code = ("import sys, skipit_core; assert 'torch' not in sys.modules, 'torch loaded'; "
-            "skipit_core.set_seed; skipit_core.InputError; assert 'torch' not in sys.modules")
+            "skipit_core.set_seed; skipit_core.InputError; skipit_core.stats.wilson_interval(1, 2); "
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

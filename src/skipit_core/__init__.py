@@ -10,8 +10,10 @@ VLMs, and skips work that the measures say is redundant.
     prof = sk.profile(model, batches)           # one streaming pass: per-layer, per-modality stats
     prof.mean_cos_dist("vision")
 
-Submodules are imported on first use (``sk.information``, ``sk.theory`` ...), so ``import skipit_core``
-stays fast; the main names are available at top level.
+Submodules are imported on first use (``sk.information``, ``sk.theory`` ...) and the top level imports
+only ``errors`` and ``utils``, which do not import torch, so ``import skipit_core`` loads neither torch
+nor transformers (``tests/test_utils.py`` checks it) and takes well under a second; the main names
+are available at top level and import their submodule when first touched.
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ from .utils import set_seed
 __version__ = "0.1.0"
 
 SUBMODULES = (
-    "models", "forward", "capture", "measures", "information", "theory", "skip", "band",
-    "bench", "tasks", "zoo", "plotting", "cli",
+    "models", "forward", "capture", "measures", "information", "theory", "stats", "skip", "band",
+    "bench", "tasks", "zoo", "plotting", "cli", "utils",
 )
 
 # top-level name -> submodule that defines it
