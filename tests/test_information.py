@@ -513,3 +513,22 @@ def test_shuffle_and_bootstrap_are_scipys_resampling():
     assert (ci.low, ci.high) == pytest.approx(tuple(np.quantile(ci.samples, [0.025, 0.975])), abs=1e-12)
     pairs = bootstrap_ci(corr, x, y, n_boot=50, seed=6)  # rows resampled as pairs
     assert pairs.samples.shape == (50,) and np.all(np.abs(pairs.samples) <= 1)
+
+
+def test_ragged_inputs_and_estimators_that_return_no_number():
+    with pytest.raises(InputError, match="one shape"):
+        entropy([[1.0, 2.0], [3.0]], "gaussian")
+    rng = np.random.default_rng(23)
+    v = rng.standard_normal(50)
+    with pytest.raises(InputError, match="estimator must return one number"):
+        bootstrap_ci(lambda a: a[:2], v, n_boot=5)
+    with pytest.raises(NumericalError, match="on the data itself"):
+        shuffle_baseline(lambda a, b: float("nan"), v, v, n_shuffles=5)
+    # an estimator undefined on some resamples (a constant resample) is reported, not averaged away
+    few = np.array([0.0] * 9 + [1.0])
+    with pytest.raises(NumericalError, match="NaN/inf on"), np.errstate(all="ignore"):
+        bootstrap_ci(lambda a: 1.0 / a.std(), few, n_boot=200)
+    # custom estimators may resample any dtype, e.g. answers as strings
+    answers = np.array(["a", "b", "a", "a"] * 10)
+    ci = bootstrap_ci(lambda p, g: float(np.mean(p == g)), answers, np.array(["a"] * 40), n_boot=50)
+    assert ci.estimate == pytest.approx(0.75) and 0.5 <= ci.low <= ci.high <= 1.0

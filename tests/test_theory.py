@@ -412,3 +412,10 @@ def test_lipschitz_estimate_checks_its_numbers():
         with pytest.raises(SkipitError, match=message):
             lipschitz_estimate(lambda t: 2 * t, x, **kw)
     assert lipschitz_estimate(lambda t: 2 * t, x, n_random=np.int64(2)).max == pytest.approx(2.0)
+
+
+def test_empty_weights_and_scalar_samples_get_clear_errors():
+    with pytest.raises(InputError, match="w_o"):
+        output_projection_norms(np.zeros((0, 4)), 2)
+    with pytest.raises(InputError, match=r"x\[:, None\]"):
+        lipschitz_estimate(lambda t: 2 * t, torch.ones(4, dtype=torch.float64))

@@ -128,7 +128,7 @@ def _samples(x, name: str, discrete: bool = False) -> np.ndarray:
 
 def _paired_rows(arrays: Sequence, names: Sequence[str]) -> tuple[list[np.ndarray], int]:
     """Arrays (any dtype, first axis = samples) for the resampling helpers, and their common length."""
-    arrs = [as_numpy(a, nm, dtype=None) for a, nm in zip(arrays, names)]
+    arrs = [as_numpy(a, nm, dtype=None, numeric=False) for a, nm in zip(arrays, names)]
     for a, nm in zip(arrs, names):
         if a.ndim == 0:
             raise InputError(f"{nm} is a scalar; pass one value (or row) per sample.")
@@ -715,6 +715,29 @@ def _check_estimator(estimator) -> None:
                          f"lambda a, b: mutual_information(a, b, 'gcmi')); got {type(estimator).__name__}.")
 
 
+def _scalar_result(estimator: Callable[..., float], arrays: Sequence[np.ndarray]) -> float:
+    """``estimator(*arrays)`` as a float; an estimator that returns an array or NaN is reported."""
+    value = estimator(*arrays)
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        raise InputError(f"estimator must return one number; got {type(value).__name__} "
+                         f"{np.shape(value)}. Wrap it, e.g. lambda *a: float(f(*a).mean()).") from None
+    return out
+
+
+def _finite_resamples(values: np.ndarray, observed: float, what: str) -> np.ndarray:
+    if not math.isfinite(observed):
+        raise NumericalError(f"the estimator returned {observed} on the data itself; check its inputs "
+                             "before resampling.")
+    bad = np.count_nonzero(~np.isfinite(values))
+    if bad:
+        raise NumericalError(f"the estimator returned NaN/inf on {bad} of {values.size} {what} (e.g. a "
+                             "resample with a constant column or too few distinct rows); use more samples "
+                             "or an estimator that is defined on every resample.")
+    return values
+
+
 def _batch(n: int) -> int:
     """Resamples per batch so that one batch of row indices stays near 8 MB."""
     return max(1, 1_000_000 // n)
@@ -736,11 +759,11 @@ def shuffle_baseline(estimator: Callable[..., float], x, y, n_shuffles: int = 10
     n_shuffles = as_int(n_shuffles, "n_shuffles", minimum=1, what="number of permutations")
     seed = as_int(seed, "seed", minimum=0)
     (xa, ya), n = _paired_rows([x, y], ["x", "y"])
-    observed = float(estimator(xa, ya))
-    res = sps.permutation_test((np.arange(n),), lambda idx: float(estimator(xa, ya[idx])),
+    observed = _scalar_result(estimator, [xa, ya])
+    res = sps.permutation_test((np.arange(n),), lambda idx: _scalar_result(estimator, [xa, ya[idx]]),
                                permutation_type="pairings", vectorized=False, n_resamples=n_shuffles,
                                alternative="greater", batch=_batch(n), **_rng_kwarg(sps.permutation_test, seed))
-    null = np.asarray(res.null_distribution, dtype=float)
+    null = _finite_resamples(np.asarray(res.null_distribution, dtype=float), observed, "permutations")
     return ShuffleResult(observed, null, float(null.mean()), float(null.std(ddof=1)) if null.size > 1
                          else 0.0, float(res.pvalue))
 
@@ -775,11 +798,13 @@ def bootstrap_ci(estimator: Callable[..., float], *arrays, n_boot: int = 200, le
     n_boot = as_int(n_boot, "n_boot", minimum=2, what="number of bootstrap resamples")
     seed = as_int(seed, "seed", minimum=0)
     arrs, n = _paired_rows(arrays, [f"arrays[{i}]" for i in range(len(arrays))])
-    estimate = float(estimator(*arrs))
-    res = sps.bootstrap((np.arange(n),), lambda idx: float(estimator(*[a[idx] for a in arrs])),
+    estimate = _scalar_result(estimator, arrs)
+    if not math.isfinite(estimate):
+        _finite_resamples(np.zeros(0), estimate, "resamples")
+    res = sps.bootstrap((np.arange(n),), lambda idx: _scalar_result(estimator, [a[idx] for a in arrs]),
                         n_resamples=n_boot, batch=_batch(n), vectorized=False, confidence_level=level,
                         method="percentile", **_rng_kwarg(sps.bootstrap, seed))
-    samples = np.asarray(res.bootstrap_distribution, dtype=float)
+    samples = _finite_resamples(np.asarray(res.bootstrap_distribution, dtype=float), estimate, "resamples")
     ci = res.confidence_interval
     return BootstrapCI(estimate, float(ci.low), float(ci.high), level, samples)
 

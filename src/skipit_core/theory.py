@@ -397,7 +397,7 @@ def attention_removal_change(attn_row, values, vision_mask) -> np.ndarray | floa
 
 def _w_o(w_o, n_heads: int, d_head: int) -> np.ndarray:
     w = check_finite(as_numpy(w_o, "w_o"), "w_o")
-    if w.ndim != 2 or w.shape[1] != n_heads * d_head:
+    if w.ndim != 2 or w.size == 0 or w.shape[1] != n_heads * d_head:
         raise InputError(f"w_o must be the output projection weight (d_model, n_heads * d_head) = "
                          f"(*, {n_heads * d_head}) as in torch's nn.Linear.weight; got {w.shape}.")
     return w
@@ -413,7 +413,7 @@ def output_projection_norms(w_o, n_heads: int) -> tuple[float, np.ndarray]:
     the constants :func:`layer_attention_removal_bound` needs, to compute once per layer."""
     n_heads = _count(n_heads, "n_heads")
     w = check_finite(as_numpy(w_o, "w_o"), "w_o")
-    if w.ndim != 2 or w.shape[1] % n_heads:
+    if w.ndim != 2 or w.size == 0 or w.shape[1] % n_heads:
         raise InputError(f"w_o must be (d_model, n_heads * d_head) with n_heads = {n_heads}; got {w.shape}.")
     d_head = w.shape[1] // n_heads
     heads = np.array([_spectral_norm(w[:, h * d_head:(h + 1) * d_head]) for h in range(n_heads)])
@@ -525,8 +525,9 @@ def lipschitz_estimate(fn: Callable[[torch.Tensor], torch.Tensor], x, directions
     Report ``max`` (over samples and directions) and the ``quantile`` over samples of the per-sample max.
     """
     xt = torch.as_tensor(x) if isinstance(x, torch.Tensor) else torch.as_tensor(as_numpy(x, "x"))
-    if not xt.is_floating_point() or xt.dim() < 1 or xt.shape[0] < 1:
-        raise InputError(f"x must be a float tensor (n, ...) of samples; got {xt.dtype} {tuple(xt.shape)}.")
+    if not xt.is_floating_point() or xt.dim() < 2 or xt.shape[0] < 1 or xt.numel() == 0:
+        raise InputError(f"x must be a float tensor (n, ...) of n >= 1 samples, each at least 1-D; got {xt.dtype} "
+                         f"{tuple(xt.shape)}. For scalar samples pass x[:, None].")
     if not torch.isfinite(xt).all():
         raise NumericalError("x holds NaN/inf; drop or impute those samples first.")
     step, quantile = _real(step, "step"), _real(quantile, "quantile")

@@ -58,27 +58,34 @@ def _tensor_to_numpy(x) -> np.ndarray:
     return x.numpy()
 
 
-def as_numpy(x, name: str = "x", dtype=np.float64) -> np.ndarray:
+def as_numpy(x, name: str = "x", dtype=np.float64, numeric: bool = True) -> np.ndarray:
     """Return ``x`` (array, tensor or sequence) as a NumPy array of ``dtype`` without copying when possible.
 
     ``dtype=None`` keeps the input's dtype (tensors: float16/bfloat16 become float32, the rest keep
     theirs). Complex input with a real ``dtype`` is rejected instead of silently dropping the
-    imaginary part; non-numeric input raises :class:`InputError`.
+    imaginary part; ragged sequences and (with ``numeric=True``) text, dates and objects that are
+    not numbers raise :class:`InputError`.
     """
     if is_tensor(x):
         x = _tensor_to_numpy(x)
-    want_real = dtype is not None and np.dtype(dtype).kind in "fiub"
-    if want_real and np.iscomplexobj(x):
-        raise InputError(f"{name} is complex; the estimators need real values. Pass x.real, x.imag or "
-                         "np.abs(x), whichever the question is about.")
     try:
-        arr = np.asarray(x, dtype=dtype)
-    except (TypeError, ValueError) as exc:
-        raise InputError(f"{name} must be numeric array-like; got {type(x).__name__} ({exc}).") from exc
-    if arr.dtype.kind in "OUSV":
+        arr = np.asarray(x)
+    except (TypeError, ValueError) as exc:  # e.g. ragged nested lists
+        raise InputError(f"{name} must be an array-like of one shape; got {type(x).__name__} ({exc}).") from exc
+    if not numeric:
+        return arr
+    if arr.dtype.kind == "O":  # e.g. a list of 0-d tensors or Python numbers of mixed types
+        try:
+            arr = arr.astype(np.float64 if dtype is None else dtype)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{name} must be numeric array-like; got objects ({exc}).") from exc
+    if arr.dtype.kind in "USVMm":
         raise InputError(f"{name} must be numeric array-like; got dtype {arr.dtype}. Encode labels as "
                          "integers first, e.g. np.unique(x, return_inverse=True)[1].")
-    return arr
+    if dtype is not None and np.dtype(dtype).kind in "fiub" and arr.dtype.kind == "c":
+        raise InputError(f"{name} is complex; the estimators need real values. Pass x.real, x.imag or "
+                         "np.abs(x), whichever the question is about.")
+    return arr if dtype is None else arr.astype(dtype, copy=False)
 
 
 def check_finite(arr: np.ndarray, name: str = "x") -> np.ndarray:
