@@ -532,3 +532,13 @@ def test_ragged_inputs_and_estimators_that_return_no_number():
     answers = np.array(["a", "b", "a", "a"] * 10)
     ci = bootstrap_ci(lambda p, g: float(np.mean(p == g)), answers, np.array(["a"] * 40), n_boot=50)
     assert ci.estimate == pytest.approx(0.75) and 0.5 <= ci.low <= ci.high <= 1.0
+
+
+def test_resample_counts_and_seeds_have_upper_limits():
+    v = np.arange(20.0)
+    with pytest.raises(InputError, match="n_shuffles .*at most 10000000"):
+        shuffle_baseline(lambda a, b: 0.0, v, v, n_shuffles=10**30)  # hung before
+    with pytest.raises(InputError, match="n_boot .*at most"):
+        bootstrap_ci(np.mean, v, n_boot=10**8)
+    with pytest.raises(InputError, match="seed must be at most 4294967295"):
+        quantize(v[:, None], 2, seed=2**40)  # scikit-learn's limit: a raw InvalidParameterError before

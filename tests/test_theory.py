@@ -419,3 +419,15 @@ def test_empty_weights_and_scalar_samples_get_clear_errors():
         output_projection_norms(np.zeros((0, 4)), 2)
     with pytest.raises(InputError, match=r"x\[:, None\]"):
         lipschitz_estimate(lambda t: 2 * t, torch.ones(4, dtype=torch.float64))
+
+
+def test_given_constants_and_directions_must_be_numbers():
+    attn = np.full((2, 5), 0.2)
+    values = np.ones((2, 5, 3))
+    mask = np.array([1, 1, 0, 0, 0], dtype=bool)
+    with pytest.raises(InputError, match="head_norms"):
+        layer_attention_removal_bound(attn, values, mask, np.eye(6), form="per_head", head_norms="x")
+    with pytest.raises(InputError, match="head_norms must be spectral norms"):
+        layer_attention_removal_bound(attn, values, mask, np.eye(6), form="per_head", head_norms=[-1.0, 1.0])
+    with pytest.raises(InputError, match="direction must be a tensor"):
+        lipschitz_estimate(lambda t: t, torch.ones(3, 2, dtype=torch.float64), directions="x")

@@ -74,3 +74,8 @@ def test_import_skipit_core_does_not_load_torch():
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
+
+
+def test_seeds_outside_torchs_range_are_rejected():
+    with pytest.raises(InputError, match="seed must be at most"):
+        set_seed(2**64 + 5)  # torch raised a raw ValueError (overflow)

@@ -671,7 +671,7 @@ def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) ->
     from sklearn.cluster import KMeans, MiniBatchKMeans
 
     n_codes = as_int(n_codes, "n_codes", minimum=2, what="number of k-means codes")
-    seed = as_int(seed, "seed", minimum=0)
+    seed = as_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # scikit-learn's random_state range
     minibatch_above = as_int(minibatch_above, "minibatch_above", minimum=1)
     arr = _samples(x, "x")
     n_distinct = np.unique(arr, axis=0).shape[0]
@@ -699,6 +699,11 @@ class ShuffleResult:
     def corrected(self) -> float:
         """``observed - null_mean``: the estimate with the shuffle bias removed."""
         return self.observed - self.null_mean
+
+
+# Upper limit on n_shuffles / n_boot: 1e7 calls of even a 1 ms estimator take about 3 hours, and the
+# Monte Carlo error of a p-value or percentile is already below 1e-3.5 there; larger is read as a typo.
+MAX_RESAMPLES = 10**7
 
 
 def _rng_kwarg(func: Callable, seed: int) -> dict:
@@ -756,7 +761,7 @@ def shuffle_baseline(estimator: Callable[..., float], x, y, n_shuffles: int = 10
     (no ``+1``). ``x`` and ``y`` may be arrays or tensors with the same first axis.
     """
     _check_estimator(estimator)
-    n_shuffles = as_int(n_shuffles, "n_shuffles", minimum=1, what="number of permutations")
+    n_shuffles = as_int(n_shuffles, "n_shuffles", minimum=1, what="number of permutations", maximum=MAX_RESAMPLES)
     seed = as_int(seed, "seed", minimum=0)
     (xa, ya), n = _paired_rows([x, y], ["x", "y"])
     observed = _scalar_result(estimator, [xa, ya])
@@ -795,7 +800,7 @@ def bootstrap_ci(estimator: Callable[..., float], *arrays, n_boot: int = 200, le
     if not arrays:
         raise InputError("bootstrap_ci needs at least one array to resample.")
     level = as_probability_level(level, "level")
-    n_boot = as_int(n_boot, "n_boot", minimum=2, what="number of bootstrap resamples")
+    n_boot = as_int(n_boot, "n_boot", minimum=2, what="number of bootstrap resamples", maximum=MAX_RESAMPLES)
     seed = as_int(seed, "seed", minimum=0)
     arrs, n = _paired_rows(arrays, [f"arrays[{i}]" for i in range(len(arrays))])
     estimate = _scalar_result(estimator, arrs)

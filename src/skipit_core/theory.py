@@ -439,7 +439,9 @@ def layer_attention_removal_bound(attn_rows, values, vision_mask, w_o, form: str
     w = _w_o(w_o, n_heads, d_head)
     heads = np.asarray(attention_removal_bound(a, v, mask).value)
     per_head_norms = (np.array([_spectral_norm(w[:, h * d_head:(h + 1) * d_head]) for h in range(n_heads)])
-                      if head_norms is None else np.asarray(head_norms, dtype=float))
+                      if head_norms is None else check_finite(as_numpy(head_norms, "head_norms"), "head_norms"))
+    if np.any(per_head_norms < 0):
+        raise InputError("head_norms must be spectral norms (>= 0), e.g. from output_projection_norms(w_o, n_heads).")
     if per_head_norms.shape != (n_heads,):
         raise InputError(f"head_norms must hold one norm per head ({n_heads}); got shape {per_head_norms.shape}.")
     consts = {"head_bounds": heads, "per_head_norms": per_head_norms, "form": form}
@@ -561,7 +563,10 @@ def _given_directions(directions, xt: torch.Tensor) -> list[torch.Tensor]:
     items = directions if isinstance(directions, (list, tuple)) else [directions]
     out = []
     for d in items:
-        dt = torch.as_tensor(d, dtype=xt.dtype)
+        try:
+            dt = torch.as_tensor(d, dtype=xt.dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise InputError(f"a direction must be a tensor or array of numbers; got {type(d).__name__} ({exc}).") from exc
         if dt.shape == xt.shape[1:]:
             dt = dt.expand_as(xt)
         if dt.shape != xt.shape:

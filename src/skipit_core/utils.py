@@ -32,7 +32,7 @@ def set_seed(seed: int) -> None:
     shell, e.g. ``PYTHONHASHSEED=0 python ...``, if string-hash order matters). torch is imported
     here, not at module level, so that ``import skipit_core`` stays light.
     """
-    seed = as_int(seed, "seed", minimum=0)
+    seed = as_int(seed, "seed", minimum=0, maximum=2**63 - 1)
     random.seed(seed)
     np.random.seed(seed % 2**32)
     import torch
@@ -102,13 +102,13 @@ def _is_bool(value: Any) -> bool:
     return str(getattr(value, "dtype", "")) in ("bool", "torch.bool")
 
 
-def as_int(value: Any, name: str, minimum: int | None = None, what: str = "") -> int:
+def as_int(value: Any, name: str, minimum: int | None = None, what: str = "", maximum: int | None = None) -> int:
     """``value`` as a Python ``int`` if it is integer-like, else :class:`InputError`.
 
     Integer-like means ``operator.index(value)`` works (``int``, ``np.int64``, a 0-d integer torch
     tensor or array), bools excepted: ``True`` is a flag, not a count. Floats (``3.0``) and strings
     (``"3"``) are rejected: pass ``int(...)`` yourself if that is what you mean. ``minimum`` is the
-    smallest allowed value; ``what`` says what the number is, for the message.
+    smallest allowed value, ``maximum`` the largest; ``what`` says what the number is, for the message.
     """
     role = f" ({what})" if what else ""
     kind = {None: "an integer", 0: "a non-negative integer", 1: "a positive integer"}.get(
@@ -124,6 +124,8 @@ def as_int(value: Any, name: str, minimum: int | None = None, what: str = "") ->
                          "accepted too.") from None
     if minimum is not None and out < minimum:
         raise InputError(f"{name}{role} must be {kind}; got {out}.")
+    if maximum is not None and out > maximum:
+        raise InputError(f"{name}{role} must be at most {maximum}; got {out}.")
     return int(out)
 
 
