@@ -19,6 +19,7 @@ from skipit_core.information import (
     ksg_backend,
     mutual_information,
     mutual_information_from_table,
+    pid,
     quantize,
     shuffle_baseline,
 )
@@ -388,8 +389,7 @@ def test_float64_tensors_keep_their_precision():
     lambda x, y: mutual_information(x, y, "ksg", k=2),
     lambda x, y: conditional_mutual_information(x, y, y, "discrete"),
     lambda x, y: entropy((x > 0).astype(int)),
-    lambda x, y: quantize(x, 2),
-    lambda x, y: bootstrap_ci(lambda a, b: 0.0, x, y, n_boot=2),
+    lambda x, y: pid(x > 0, y > 0, x[:, :1] > 0),
 ])
 def test_inputs_that_look_transposed_are_rejected(call):
     rng = np.random.default_rng(16)
@@ -397,6 +397,18 @@ def test_inputs_that_look_transposed_are_rejected(call):
     with pytest.raises(InputError, match=r"more columns than rows.*\.T"):
         call(x, y)
     call(x.T, y.T)  # the fix the message gives works
+
+
+def test_wide_inputs_are_fine_where_d_greater_than_n_is_meaningful():
+    rng = np.random.default_rng(24)
+    states = np.repeat(rng.standard_normal((4, 300)) * 5, 10, axis=0) + rng.standard_normal((40, 300))
+    codes = quantize(states, 4)  # 40 hidden states of width 300: k-means is defined
+    assert mutual_information(codes, np.repeat(np.arange(4), 10), miller_madow=False) == pytest.approx(2.0)
+    from skipit_core.information import copula_normalize, ledoit_wolf_covariance
+    assert ledoit_wolf_covariance(states)[0].shape == (300, 300)  # Ledoit-Wolf is made for d > n
+    assert copula_normalize(states).shape == states.shape
+    ci = bootstrap_ci(lambda s: float(np.linalg.norm(s.mean(0))), states, n_boot=20)
+    assert ci.low <= ci.estimate <= ci.high
 
 
 def test_k_accepts_integer_likes_and_rejects_bools():

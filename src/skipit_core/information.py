@@ -23,10 +23,12 @@ samples) and returns bits. Four methods, chosen with ``method=``:
 Each docstring states the estimator's measured bias; ``tests/test_information.py`` checks it.
 
 Input rules, the same for every estimator (each violation raises :class:`InputError` or
-:class:`NumericalError` saying what to do): rows are samples, so a 2-D input with more columns
-than rows (e.g. 5 x 500) is taken to be transposed and rejected (pass ``x.T``; to estimate from
-fewer samples than dimensions, reduce the dimension first, e.g. with PCA, or for discrete codes
-pass one symbol per row, ``np.unique(x, axis=0, return_inverse=True)[1]``). Paired inputs need the
+:class:`NumericalError` saying what to do): rows are samples, so a 2-D input to an entropy, MI,
+CMI or PID estimator with more columns than rows (e.g. 5 x 500) is taken to be transposed and
+rejected (pass ``x.T``; to estimate from fewer samples than dimensions, reduce the dimension
+first, e.g. with PCA, or for discrete codes pass one symbol per row,
+``np.unique(x, axis=0, return_inverse=True)[1]``). :func:`quantize`, :func:`copula_normalize`,
+:func:`ledoit_wolf_covariance` and the resampling helpers, well defined for ``d > n``, accept it. Paired inputs need the
 same number of rows, at least 2. Floats must be finite. Counts such as ``k``, ``n_codes``,
 ``n_boot`` and ``n_shuffles`` must be integer-like (``int``, ``np.int64``, a 0-d integer tensor;
 not ``True``, not ``3.0``). Torch tensors keep their precision (float64 stays float64; float16 and
@@ -98,12 +100,15 @@ _TORCH_BLOCK_ELEMS = 640_000  # rows per block = this // n: 5 MB per float64 dis
 # input handling
 # ----------------------------------------------------------------------------------------------
 
-def _samples(x, name: str, discrete: bool = False) -> np.ndarray:
+def _samples(x, name: str, discrete: bool = False, estimate: bool = True) -> np.ndarray:
     """Return ``x`` as a 2-D array ``(n, d)`` of samples in rows; floats are checked for NaN/inf.
 
-    A 2-D input with more columns than rows is rejected as (probably) transposed: every estimator
-    here needs more samples than dimensions (the Gaussian ones are undefined otherwise, KSG and the
-    plug-in say nothing), and a 5 x 500 array is far more often 500 samples given as columns.
+    With ``estimate`` (the entropy / MI / CMI / PID estimators) a 2-D input with more columns than
+    rows is rejected as (probably) transposed: an information estimate needs more samples than
+    dimensions (the Gaussian ones are undefined otherwise, KSG and the plug-in say nothing), and a
+    5 x 500 array is far more often 500 samples given as columns. Transforms and fits that are
+    well defined for ``d > n`` (:func:`quantize`, :func:`copula_normalize`,
+    :func:`ledoit_wolf_covariance`, made for ``d > n``) pass ``estimate=False``.
     """
     arr = as_numpy(x, name, dtype=None if discrete else np.float64)
     if arr.dtype.kind in "fc":
@@ -115,7 +120,7 @@ def _samples(x, name: str, discrete: bool = False) -> np.ndarray:
                          "Flatten the feature axes first, e.g. x.reshape(n, -1).")
     if arr.shape[0] < 2 or arr.shape[1] < 1:
         raise InputError(f"{name} has shape {arr.shape}; need at least 2 samples (rows) and 1 column.")
-    if arr.shape[1] > arr.shape[0]:
+    if estimate and arr.shape[1] > arr.shape[0]:
         raise InputError(f"{name} has shape {arr.shape}: more columns than rows. Rows must be samples; if "
                          f"these are {arr.shape[1]} samples of dimension {arr.shape[0]}, pass {name}.T. "
                          "With fewer samples than dimensions, reduce the dimension first (e.g. PCA), or "
@@ -127,14 +132,15 @@ def _samples(x, name: str, discrete: bool = False) -> np.ndarray:
 
 
 def _paired_rows(arrays: Sequence, names: Sequence[str]) -> tuple[list[np.ndarray], int]:
-    """Arrays (any dtype, first axis = samples) for the resampling helpers, and their common length."""
+    """Arrays (any dtype and shape, first axis = samples) for the resampling helpers, and their common length.
+
+    No orientation rule here: a custom estimator may well take 40 states of width 4096; the
+    estimators of this module check their own inputs when the estimator calls them.
+    """
     arrs = [as_numpy(a, nm, dtype=None, numeric=False) for a, nm in zip(arrays, names)]
     for a, nm in zip(arrs, names):
         if a.ndim == 0:
             raise InputError(f"{nm} is a scalar; pass one value (or row) per sample.")
-        if a.ndim == 2 and a.shape[1] > a.shape[0]:
-            raise InputError(f"{nm} has shape {a.shape}: more columns than rows. Rows must be samples; "
-                             f"pass {nm}.T if the samples are in columns.")
         if a.dtype.kind in "fc":
             check_finite(a, nm)
     n = _same_length(**dict(zip(names, arrs)))
@@ -265,7 +271,7 @@ def ledoit_wolf_covariance(x) -> tuple[np.ndarray, float]:
     """
     from sklearn.covariance import ledoit_wolf
 
-    cov, shrink = ledoit_wolf(_samples(x, "x"))
+    cov, shrink = ledoit_wolf(_samples(x, "x", estimate=False))
     return np.asarray(cov, dtype=np.float64), float(shrink)
 
 
@@ -298,7 +304,7 @@ def copula_normalize(x) -> np.ndarray:
 
     The result has standard-normal marginals and the same copula as ``x`` (Ince et al. 2017).
     """
-    cols = np.ascontiguousarray(_samples(x, "x").T)  # one contiguous row per column: fast sorts
+    cols = np.ascontiguousarray(_samples(x, "x", estimate=False).T)  # one contiguous row per column: fast sorts
     n = cols.shape[1]
     order = np.argsort(cols, axis=1)
     ranks = np.empty(cols.shape)
@@ -673,7 +679,7 @@ def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) ->
     n_codes = as_int(n_codes, "n_codes", minimum=2, what="number of k-means codes")
     seed = as_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # scikit-learn's random_state range
     minibatch_above = as_int(minibatch_above, "minibatch_above", minimum=1)
-    arr = _samples(x, "x")
+    arr = _samples(x, "x", estimate=False)  # k-means is defined for d > n (e.g. 64 states of width 4096)
     n_distinct = np.unique(arr, axis=0).shape[0]
     if n_distinct < n_codes:
         raise InputError(f"x has {n_distinct} distinct rows, fewer than n_codes={n_codes}; "
