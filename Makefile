@@ -16,8 +16,10 @@ MATHJAX := .cache/mathjax/node_modules/mathjax/es5/tex-chtml.js
 # system packages (npm, chromium) come from Debian's apt; as root directly, otherwise through sudo
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+# the browser test (tests/test_site.py) drives Debian's chromium through playwright
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: test book chapters html install mathjax clean bench help
+.PHONY: test book chapters html install mathjax browser clean bench help
 
 help:
 	@echo "make test   - install into .venv and run every test"
@@ -43,7 +45,13 @@ $(MATHJAX):
 
 mathjax: $(MATHJAX)
 
-test: $(STAMP)
+# only when missing: an existing chromium is left as it is
+$(CHROMIUM):
+	$(APT) update -qq && $(APT) install -y -qq chromium
+
+browser: $(CHROMIUM)
+
+test: $(STAMP) $(MATHJAX) $(CHROMIUM)
 	$(PY) -m pytest -q
 
 chapters: $(STAMP)
