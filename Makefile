@@ -16,13 +16,15 @@ MATHJAX := .cache/mathjax/node_modules/mathjax/es5/tex-chtml.js
 # system packages (npm, chromium) come from Debian's apt; as root directly, otherwise through sudo
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
+# nbval re-runs the committed chapters and compares the cells tagged nbval-check-output
+NBVAL  := --nbval-lax --nbval-current-env --nbval-sanitize-with book/nbval_sanitize.cfg -p no:cacheprovider
 # the browser test (tests/test_site.py) drives Debian's chromium through playwright
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: test book chapters html install mathjax browser clean bench help
+.PHONY: test nbval book chapters html install mathjax browser clean bench help
 
 help:
-	@echo "make test   - install into .venv and run every test"
+	@echo "make test   - install into .venv and run every test (tests/, then nbval on the committed chapters)"
 	@echo "make book   - install, execute every chapter with papermill, build _build/html"
 	@echo "make bench  - run the benchmark scripts"
 
@@ -51,13 +53,19 @@ $(CHROMIUM):
 
 browser: $(CHROMIUM)
 
+# two runs: the test suite (tests/, the browser test included), then nbval on the committed chapters
 test: $(STAMP) $(MATHJAX) $(CHROMIUM)
 	$(PY) -m pytest -q
+	$(PY) -m pytest -q $(NBVAL) book/
+
+nbval: $(STAMP)
+	$(PY) -m pytest -q $(NBVAL) book/
 
 chapters: $(STAMP)
 	@for nb in $(CHAPTERS); do \
-	  echo "executing $$nb"; \
-	  $(PY) -m papermill --kernel $(KERNEL) --cwd book "$$nb" "$$nb" --log-level ERROR || exit 1; \
+	  start=$$(date +%s); \
+	  $(PY) -m papermill --kernel $(KERNEL) --cwd book --no-progress-bar "$$nb" "$$nb" --log-level ERROR || exit 1; \
+	  echo "executed $$nb in $$(( $$(date +%s) - start )) s"; \
 	done
 
 html: $(STAMP) $(MATHJAX)

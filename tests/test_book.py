@@ -7,7 +7,9 @@ warnings as errors, as `make book` does.
 
 from __future__ import annotations
 
+import ast
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -76,3 +78,104 @@ def test_site_builds(tmp_path: Path):
     assert (site / "_build" / "html" / "_static" / "mathjax" / "es5" / "output" / "chtml" / "fonts").is_dir()
     for nb in CHAPTERS:
         assert (site / "_build" / "html" / "book" / f"{nb.stem}.html").exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# numbers in the prose come from the code: myst_nb.glue, pasted with {glue:text}
+# ------------------------------------------------------------------------------------------------
+
+GLUE_ROLE = re.compile(r"\{glue(?::(text|any|md|math))?\}`([^`]+)`")
+GLUE_DIRECTIVE = re.compile(r"^```\{glue(?::(figure|any|math|md))?\}\s+(\S+)", re.M)
+# a number standing alone in the prose (not part of a name such as LLaVA-1.5 or T5), with % or x
+NUMBER = re.compile(r"(?<![\w.-])\d+(?:[.,]\d+)*(?:\s?%|x\b)?(?![\w-])")
+
+
+def _prose(md: str) -> str:
+    """Markdown with everything that is not prose removed: code, math, roles, directive options,
+    link targets and headings (directive bodies, e.g. theorem statements, stay: they are prose)."""
+    md = re.sub(r"^```\{[\w:-]+\}[^\n]*$", "", md, flags=re.M)      # directive fences: keep bodies
+    md = re.sub(r"^```[\w-]*\n.*?^```\s*$", "", md, flags=re.S | re.M)  # code blocks
+    md = re.sub(r"^```\s*$", "", md, flags=re.M)
+    md = re.sub(r"^:[\w-]+:.*$", "", md, flags=re.M)                 # directive options
+    md = re.sub(r"\$\$.*?\$\$", " ", md, flags=re.S)
+    md = re.sub(r"\$[^$]+\$", " ", md)
+    md = re.sub(r"\{[\w:-]+\}`[^`]*`", " ", md)                      # roles: glue, cite, ref, doc
+    md = re.sub(r"`[^`]*`", " ", md)
+    md = re.sub(r"\]\([^)]*\)", "]", md)
+    md = re.sub(r"^#+ .*$", "", md, flags=re.M)
+    return md
+
+
+def _markdown(path: Path) -> list[str]:
+    if path.suffix == ".ipynb":
+        return ["".join(c["source"]) for c in json.loads(path.read_text())["cells"] if c["cell_type"] == "markdown"]
+    return [path.read_text()]
+
+
+def _glued(nb_path: Path) -> dict[str, dict]:
+    """name -> mime bundle of every value glued in the committed notebook's outputs."""
+    out = {}
+    for cell in json.loads(nb_path.read_text())["cells"]:
+        for o in cell.get("outputs", []):
+            name = o.get("metadata", {}).get("scrapbook", {}).get("name")
+            if name:
+                prefix = o["metadata"]["scrapbook"].get("mime_prefix", "")
+                out[name] = {k[len(prefix):]: v for k, v in o.get("data", {}).items()}
+    return out
+
+
+def test_no_hand_typed_number_in_the_prose():
+    """Every number a reader sees in the text of book/ is pasted from the code (glue), or is maths."""
+    found = []
+    for path in sorted((ROOT / "book").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md")):
+        for md in _markdown(path):
+            text = _prose(md)
+            found += [f"{path.name}: {m.group(0)!r} in ...{text[max(0, m.start() - 50):m.end() + 20]!r}..."
+                      for m in NUMBER.finditer(text)]
+    assert not found, "numbers typed by hand (glue them from the code):\n" + "\n".join(found)
+
+
+def test_prose_checker_finds_hand_typed_numbers():
+    assert [m.group(0) for m in NUMBER.finditer(_prose("accuracy 0.925 of 240, 12% and 1.3x"))] == \
+        ["0.925", "240", "12%", "1.3x"]
+    clean = "LLaVA-1.5-7B, T5, $0.9$, `n=240`, {glue:text}`acc:.3f`, [x](a/1.2.html)\n## Part 2\n:label: t-1"
+    assert not NUMBER.search(_prose(clean))
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_glued_values_exist_in_the_same_chapter(nb_path: Path):
+    glued = _glued(nb_path)
+    problems = []
+    for md in _markdown(nb_path):
+        for kind, ref in GLUE_ROLE.findall(md):
+            key, _, fmt = ref.partition(":")
+            if "::" in ref:
+                problems.append(f"{ref}: paste from this chapter only")
+                continue
+            if key not in glued:
+                problems.append(f"{key}: not glued in {nb_path.name}")
+                continue
+            plain = glued[key].get("text/plain", "")
+            try:
+                value = ast.literal_eval(plain)
+            except (ValueError, SyntaxError):
+                problems.append(f"{key}: glued as {plain[:40]!r}, not a Python literal (glue float(x), int(x) or str)")
+                continue
+            if isinstance(value, float) and not fmt:
+                problems.append(f"{key}: a float pasted without a format spec ({{glue:text}}`{key}:.3f`)")
+        for kind, key in GLUE_DIRECTIVE.findall(md):
+            if key not in glued:
+                problems.append(f"{key}: not glued in {nb_path.name}")
+            elif kind == "figure" and not any(k.startswith("image/") for k in glued[key]):
+                problems.append(f"{key}: glue:figure of something that is not an image")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_key_results_are_checked_by_nbval(nb_path: Path):
+    cells = json.loads(nb_path.read_text())["cells"]
+    checked = [c for c in cells if "nbval-check-output" in c.get("metadata", {}).get("tags", [])]
+    assert len(checked) >= 3, f"{nb_path.name}: tag the cells that print key results nbval-check-output"
+    for c in checked:
+        assert c["cell_type"] == "code" and c.get("outputs"), "a checked cell must be a code cell with outputs"
+        assert "time_prefill" not in "".join(c["source"]), "timings are shown, never checked"
