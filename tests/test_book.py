@@ -13,9 +13,11 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CHAPTERS = sorted((ROOT / "book").glob("*.ipynb"))
@@ -179,3 +181,100 @@ def test_key_results_are_checked_by_nbval(nb_path: Path):
     for c in checked:
         assert c["cell_type"] == "code" and c.get("outputs"), "a checked cell must be a code cell with outputs"
         assert "time_prefill" not in "".join(c["source"]), "timings are shown, never checked"
+
+
+# ------------------------------------------------------------------------------------------------
+# the first cell: Colab and other machines
+# ------------------------------------------------------------------------------------------------
+
+REPOSITORY_LINE = re.compile(r'^REPOSITORY = os\.environ\.get\("SKIPIT_REPOSITORY", "([^"]+)"\)', re.M)
+
+
+def _first_code_cell(nb_path: Path) -> str:
+    cells = json.loads(nb_path.read_text())["cells"]
+    return next("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+
+
+def _repository_url() -> str:
+    return yaml.safe_load((ROOT / "_config.yml").read_text())["repository"]["url"]
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_first_cell_installs_from_the_configured_repository(nb_path: Path):
+    src = _first_code_cell(nb_path)
+    m = REPOSITORY_LINE.search(src)
+    assert m, f"{nb_path.name}: the first code cell must set REPOSITORY (the install cell)"
+    assert m.group(1) == _repository_url(), "the first cell's URL must be _config.yml's repository.url"
+    assert '"pip", "install"' in src
+    assert not re.search(r'"(-e|--editable)"|pip install -e', src), "install non-editably (no restart needed)"
+    assert not re.search(r'"(torch|numpy)\b', src), "never pin or install torch/numpy (Colab keeps its own)"
+    assert "SKIPIT_DATA" in src and "clone" in src
+
+
+def _run_cells(sources: list[str], cwd: Path, kernel_name: str) -> list[str]:
+    """Execute ``sources`` as one notebook in a fresh kernel; returns each cell's stdout."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(s) for s in sources])
+    nbclient.NotebookClient(nb, kernel_name=kernel_name, timeout=900,
+                            resources={"metadata": {"path": str(cwd)}}).execute()
+    return ["".join(o.get("text", "") for o in c.outputs if o.get("output_type") == "stream") for c in nb.cells]
+
+
+CHECK = """import os, skipit_core as sk
+model, processor = sk.zoo.load_vlm("digits-llava")
+print(sk.__file__)
+print(os.environ["SKIPIT_DATA"])
+print(type(model).__name__, sk.Backbone.of(model).n_layers)
+"""
+
+
+@pytest.mark.slow
+def test_first_cell_on_a_fresh_machine(tmp_path: Path, monkeypatch):
+    """A fresh kernel without skipit_core runs the first cell against a local clone URL, then imports
+    the package and loads digits-llava in the same kernel (no restart). The kernel lives in a
+    throwaway venv that sees the project venv's packages (torch, transformers ...) through a .pth file,
+    so nothing is downloaded and the project's editable install is left alone."""
+    venv = tmp_path / "venv"
+    # without pip: its pip and setuptools are the project venv's too (ensurepip's setuptools is too old)
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=600)
+    py = venv / "bin" / "python"
+    purelib = Path(subprocess.check_output(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], text=True).strip())
+    # a path line (not a site dir): the project venv's own .pth files, its editable skipit_core among them, stay unread
+    (purelib / "skipit-project-venv.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    spec = tmp_path / "jupyter" / "kernels" / "fresh-venv"
+    spec.mkdir(parents=True)
+    (spec / "kernel.json").write_text(json.dumps({
+        "argv": [str(py), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+        "display_name": "fresh venv", "language": "python"}))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("SKIPIT_REPOSITORY", ROOT.as_uri())  # the "remote": this repository's committed HEAD
+    monkeypatch.delenv("SKIPIT_DATA", raising=False)
+    # pip inside the kernel: no index, no dependencies (they come from the project venv), no build isolation
+    # (pip reads PIP_NO_BUILD_ISOLATION=0 as "isolation off"), and no look at the project venv's skipit-core
+    for k, v in dict(PIP_NO_INDEX="1", PIP_NO_DEPS="1", PIP_NO_BUILD_ISOLATION="0", PIP_IGNORE_INSTALLED="1",
+                     PIP_DISABLE_PIP_VERSION_CHECK="1").items():
+        monkeypatch.setenv(k, v)
+    work = tmp_path / "content"
+    work.mkdir()
+    probe = "import importlib.util; print(importlib.util.find_spec('skipit_core'))"
+    for nb_path in CHAPTERS[:1]:  # every chapter's first cell is the same (checked above)
+        before, _, out = _run_cells([probe, _first_code_cell(nb_path), CHECK], work, "fresh-venv")
+        assert before.strip() == "None", "the fresh kernel must start without skipit_core"
+        module, data, model = out.strip().splitlines()
+        assert Path(module).resolve().is_relative_to(venv.resolve()), f"imported {module}, not the venv's install"
+        assert not Path(module).resolve().is_relative_to(ROOT / "src")
+        assert Path(data) == work / "skipit-book" / "data"
+        assert model.startswith("LlavaForConditionalGeneration")
+
+
+@pytest.mark.slow
+def test_first_cell_does_nothing_where_skipit_is_installed(tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("SKIPIT_DATA", raising=False)
+    monkeypatch.setenv("SKIPIT_REPOSITORY", "file:///nonexistent")  # would fail loudly if it cloned
+    for nb_path in CHAPTERS:
+        _, out = _run_cells([_first_code_cell(nb_path), "import os; print(os.environ.get('SKIPIT_DATA'))"],
+                            tmp_path, "python3")
+        assert out.strip() == "None"
+    assert list(tmp_path.iterdir()) == []
