@@ -278,3 +278,65 @@ def test_first_cell_does_nothing_where_skipit_is_installed(tmp_path: Path, monke
                             tmp_path, "python3")
         assert out.strip() == "None"
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------------------------------------
+# a course text: exercises with solutions, citations that resolve
+# ------------------------------------------------------------------------------------------------
+
+# {exercise} / {exercise-start} with their :label:, {solution} / {solution-start} with the exercise's label
+EXERCISE = re.compile(r"^```+\{exercise(?:-start)?\}[^\n]*\n(?::[\w-]+:[^\n]*\n)*?:label:\s*(\S+)", re.M)
+SOLUTION = re.compile(r"^```+\{solution(?:-start)?\}\s+(\S+)", re.M)
+CITE = re.compile(r"\{cite(?::[\w]+)?\}`([^`]+)`")
+BIB_KEY = re.compile(r"^@\w+\{\s*([^,\s]+)\s*,", re.M)
+
+
+def _exercises(md: str) -> tuple[list[str], list[str]]:
+    return EXERCISE.findall(md), SOLUTION.findall(md)
+
+
+def test_exercise_checker_finds_labels_and_solutions():
+    md = ("```{exercise} One\n:label: ex-a\n\nDo it.\n```\n"
+          "````{solution-start} ex-a\n:class: dropdown\n````\n"
+          "```{exercise-start} Two\n:class: x\n:label: ex-b\n```\n```{exercise-end}\n```\n"
+          "```{solution} ex-b\n:class: dropdown\n```\n")
+    assert _exercises(md) == (["ex-a", "ex-b"], ["ex-a", "ex-b"])
+
+
+@pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
+def test_each_chapter_has_three_exercises_with_solutions(nb_path: Path):
+    exercises, solutions = [], []
+    for md in _markdown(nb_path):
+        e, s = _exercises(md)
+        exercises += e
+        solutions += s
+    assert len(exercises) >= 3, f"{nb_path.name}: {len(exercises)} exercises (at least 3, each with a :label:)"
+    assert len(set(exercises)) == len(exercises), f"{nb_path.name}: duplicate exercise labels {exercises}"
+    missing = [e for e in exercises if e not in solutions]
+    assert not missing, f"{nb_path.name}: exercises without a solution: {missing}"
+    orphans = [s for s in solutions if s not in exercises]
+    assert not orphans, f"{nb_path.name}: solutions of unknown exercises: {orphans}"
+    cells = json.loads(nb_path.read_text())["cells"]
+    opened = closed = 0
+    for cell in cells:  # a gated solution's code runs in the notebook: its start and end must pair up
+        if cell["cell_type"] == "markdown":
+            src = "".join(cell["source"])
+            opened += len(re.findall(r"^```+\{solution-start\}", src, re.M))
+            closed += len(re.findall(r"^```+\{solution-end\}", src, re.M))
+            assert closed <= opened, f"{nb_path.name}: solution-end before its solution-start"
+    assert opened == closed, f"{nb_path.name}: {opened} solution-start but {closed} solution-end"
+
+
+def test_every_citation_is_in_the_bibliography():
+    keys = set(BIB_KEY.findall((ROOT / "book" / "references.bib").read_text()))
+    cited, unknown = set(), []
+    for path in sorted((ROOT / "book").glob("*.ipynb")) + sorted((ROOT / "book").glob("*.md")):
+        for md in _markdown(path):
+            for group in CITE.findall(md):
+                for key in (k.strip() for k in group.split(",")):
+                    cited.add(key)
+                    if key not in keys:
+                        unknown.append(f"{path.name}: {key}")
+    assert cited, "no {cite} in the book"
+    assert not unknown, "cited but not in book/references.bib:\n" + "\n".join(unknown)
+    assert "hartman2026skipit" in cited
