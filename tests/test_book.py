@@ -318,13 +318,23 @@ def test_each_chapter_has_three_exercises_with_solutions(nb_path: Path):
     assert not orphans, f"{nb_path.name}: solutions of unknown exercises: {orphans}"
     cells = json.loads(nb_path.read_text())["cells"]
     opened = closed = 0
+    code_in = []  # executed code cells inside each gated solution
     for cell in cells:  # a gated solution's code runs in the notebook: its start and end must pair up
         if cell["cell_type"] == "markdown":
             src = "".join(cell["source"])
-            opened += len(re.findall(r"^```+\{solution-start\}", src, re.M))
-            closed += len(re.findall(r"^```+\{solution-end\}", src, re.M))
-            assert closed <= opened, f"{nb_path.name}: solution-end before its solution-start"
+            for fence in re.findall(r"^```+\{(solution-start|solution-end)\}", src, re.M):
+                if fence == "solution-start":
+                    assert opened == closed, f"{nb_path.name}: solution-start inside another solution"
+                    opened += 1
+                    code_in.append(0)
+                else:
+                    closed += 1
+                    assert closed <= opened, f"{nb_path.name}: solution-end before its solution-start"
+        elif opened > closed and "".join(cell["source"]).strip():
+            assert cell.get("execution_count"), f"{nb_path.name}: a solution's code cell was not executed"
+            code_in[-1] += 1
     assert opened == closed, f"{nb_path.name}: {opened} solution-start but {closed} solution-end"
+    assert all(code_in), f"{nb_path.name}: a gated solution holds no code cell (its code must run in the chapter)"
 
 
 def test_every_citation_is_in_the_bibliography():
