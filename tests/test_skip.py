@@ -14,6 +14,7 @@ import torch
 from skipit_core.errors import InputError, PlanError, SkipitError, UnsupportedModelError
 from skipit_core.models import Backbone, allowed_keys
 from skipit_core.skip import LayerMode, SkipLayer, SkipPlan, Work, skipping
+from skipit_core import models
 from skipit_core.skip import runtime
 from tiny_vlms import IMAGE_ID, PAD_ID, make
 
@@ -586,7 +587,7 @@ def test_nested_contexts(monkeypatch):
 
 
 def test_freeze_on_an_unknown_layer_class_raises(monkeypatch):
-    monkeypatch.delitem(runtime.FREEZE_LAYER_CLASSES, "LlamaDecoderLayer")
+    monkeypatch.delitem(models.ROW_SPLIT_LAYERS, "LlamaDecoderLayer")
     with pytest.raises(PlanError, match="cannot split layer 1"):
         with skipping(tiny("llava").model, SkipPlan.vision_freeze(1)):
             pass
@@ -649,3 +650,72 @@ def test_cache_filled_under_a_plan_refuses_use_outside_it(kind):
     with skipping(t.model, plan), torch.no_grad():  # back under the same plan it continues
         t.model(**step, past_key_values=cache)
         assert cache.get_seq_length() == out.sequences.shape[1]
+
+
+# ------------------------------------------------------------- red-team: issue 10, second round
+@pytest.mark.parametrize("plan", [SkipPlan.whole_layers(1), SkipPlan.late_entry(2), SkipPlan.vision_freeze(1)])
+def test_static_cache_under_a_plan_is_refused_with_what_works(plan):
+    """Before: a raw RuntimeError (size mismatch) from inside attention, even for whole_layers(1)."""
+    t = tiny("llava")
+    inputs = t.inputs(prompts=[(2, 3)])
+    with skipping(t.model, plan), pytest.raises(PlanError, match="StaticLayer.*cache_implementation='static'"):
+        t.model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    # the no-op plan installs nothing, so static caches work as outside any context
+    with skipping(t.model, SkipPlan.none()):
+        out = t.model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    ref = t.model.generate(**inputs, max_new_tokens=2, do_sample=False, cache_implementation="static")
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3"])
+def test_deepcopy_state_dict_and_save_pretrained_inside_a_context_are_those_of_the_model(name, tmp_path):
+    """Before: state_dict keys ``layers.N.layer.*`` inside a context (a broken checkpoint), and a deep
+    copy that kept the wrappers and the session's hooks."""
+    from transformers import AutoModelForImageTextToText
+
+    t = tiny(name)
+    inputs = t.inputs(prompts=[(2, 3)])
+    ref_keys = list(t.model.state_dict())
+    ref = logits(t.model, inputs, name)
+    plan = SkipPlan.vision_freeze(1) | SkipPlan.whole_layers(3)
+    with skipping(t.model, plan):
+        assert list(t.model.state_dict()) == ref_keys
+        t.model.load_state_dict(t.model.state_dict(), strict=True)
+        clone = copy.deepcopy(t.model)
+        t.model.save_pretrained(tmp_path)
+        skipped = logits(t.model, inputs, name)
+    assert not any(isinstance(m, SkipLayer) for m in clone.modules())
+    assert torch.equal(logits(clone, inputs, name), ref)  # the copy is the model without the plan ...
+    with skipping(clone, plan):  # ... and takes plans of its own
+        assert torch.equal(logits(clone, inputs, name), skipped)
+    saved = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(saved, inputs, name), ref)
+
+
+def test_plan_indices_accept_integer_likes_and_refuse_bools():
+    """Before: np.int64(2) and 0-d integer tensors were refused with a message that read like a string."""
+    import numpy as np
+
+    assert SkipPlan.late_entry(np.int64(2)) == SkipPlan.late_entry(2)
+    assert SkipPlan.early_exit(torch.tensor(3)) == SkipPlan.early_exit(3)
+    assert SkipPlan.whole_layers(np.arange(1, 3)) == SkipPlan.whole_layers([1, 2])
+    assert SkipPlan.vision_freeze(torch.tensor([1, 2])) == SkipPlan.vision_freeze(range(1, 3))
+    assert str(SkipPlan.late_entry(np.int64(2))) == "late_entry(2)"
+    for bad in (True, np.bool_(False), torch.tensor(True), 2.0, -1, "2", None):
+        with pytest.raises(PlanError, match="non-negative integer"):
+            SkipPlan.late_entry(bad)
+    for bad in ([1, True], [np.bool_(True)], "12", [1.5], [-1], None):
+        with pytest.raises(PlanError, match="layer ind"):
+            SkipPlan.whole_layers(bad)
+
+
+def test_skipping_runs_the_input_check_that_profile_runs():
+    """Before: Qwen2.5-VL inputs without mm_token_type_ids ran under a plan with 1-D positions (1.8e-3 off)."""
+    t = tiny("qwen2_5_vl")
+    inputs = t.inputs(prompts=[(2, 3)])
+    bad = {k: v for k, v in inputs.items() if k != "mm_token_type_ids"}
+    for plan in (SkipPlan.late_entry(1), SkipPlan.whole_layers(2)):
+        with skipping(t.model, plan), torch.no_grad(), pytest.raises(InputError, match="mm_token_type_ids"):
+            t.model(**bad)
+        with skipping(t.model, plan), torch.no_grad():
+            t.model.generate(**inputs, max_new_tokens=2, do_sample=False)  # decode steps carry no pixels

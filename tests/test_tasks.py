@@ -375,3 +375,20 @@ def test_python_m_tasks_rewrites_the_frozen_split(tmp_path, capsys):
     stem = tasks.test_set_path()
     assert (tmp_path / "test.jsonl").read_bytes() == stem.with_suffix(".jsonl").read_bytes()
     assert np.array_equal(DigitScenes.load(tmp_path / "test").images, DigitScenes.test_set().images)
+
+
+def test_vqaset_save_load_round_trip_and_a_clear_error_for_mixed_shapes(tmp_path):
+    """``VQASet.save`` (the format ``skipit --data <folder>`` reads) round-trips exactly, POPE-like sets
+    of differently sized images are refused with the fix, and ``summarise`` is evaluate's own scoring."""
+    from skipit_core.errors import InputError
+    from skipit_core.tasks import VQASet, summarise
+
+    small = DigitScenes.test_set()[:6]
+    back = VQASet.load(small.save(tmp_path / "mine"))
+    assert np.array_equal(back.images, small.images) and back.questions == small.questions
+    assert back.answers == small.answers and back.families == small.families and back.meta == small.meta
+    mixed = VQASet([np.zeros((4, 4), np.uint8), np.zeros((5, 4), np.uint8)], ["q", "q"], ["a", "b"], ["f", "f"])
+    with pytest.raises(InputError, match="share one shape.*Resize"):
+        mixed.save(tmp_path / "mixed")
+    r = summarise(["f", "f", "g"], np.array([True, False, True]), ["a", "b", "c"])
+    assert (r.k, r.n) == (2, 3) and (r.ci_low, r.ci_high) == pytest.approx(wilson(2, 3))

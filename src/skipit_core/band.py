@@ -46,12 +46,14 @@ import pandas as pd
 import torch
 from torch import nn
 
+from .bench import ideal_speedup
 from .capture import LayerProfile
 from .errors import InputError
 from .forward import iter_batches, run_forward
 from .models import Backbone
 from .skip import SkipPlan
-from .theory import LipschitzEstimate, clopper_pearson, lipschitz_estimate
+from .stats import clopper_pearson
+from .theory import LipschitzEstimate, lipschitz_estimate
 
 __all__ = ["BandRule", "DEFAULT_RULE", "BandPrediction", "predict_band", "band_lipschitz",
            "empirical_bernstein_upper"]
@@ -221,7 +223,6 @@ def predict_band(profile: LayerProfile, alpha, *, model: nn.Module | None = None
     })
     speed = None
     if model is not None:
-        from .bench import ideal_speedup
         n_text = int(round((profile.count("text")[0] + profile.count("sink")[0]) / profile.n_samples))
         speed = float(ideal_speedup(model, int(round(n_vision)), n_text, plan))
     return BandPrediction(plan, band, value, evidence, _certificate(profile, rule, band, value, n_vision, L, grid),

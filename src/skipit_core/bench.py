@@ -28,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import execution_device
 from .errors import InputError
+from .forward import move_inputs
 from .models import Backbone
 from .skip import LayerMode, SkipPlan, Work, skipping
 
@@ -299,15 +301,11 @@ def _clock(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: in
 
 
 def _device(model: nn.Module) -> torch.device:
-    from .distributed import execution_device
-
     return execution_device(model)
 
 
 def _on_device(model: nn.Module, inputs: Mapping[str, Any], device: torch.device) -> dict:
     """``inputs`` on ``device``; floating tensors (pixels) in the model's dtype."""
-    from .forward import move_inputs
-
     return move_inputs(inputs, device, getattr(model, "dtype", None))
 
 

@@ -44,10 +44,11 @@ from torch import nn
 
 from .errors import InputError, NumericalError, UnsupportedModelError
 from .forward import BatchLayout, iter_batches, model_device_dtype, run_forward
-from .models import Backbone, TokenKind, allowed_keys
+from .models import Backbone, TokenKind
+from .stats import hoeffding_mean_upper, hoeffding_upper
 
 __all__ = [
-    "profile", "LayerProfile", "MODALITIES", "DEFAULT_EPS", "N_BINS", "VAR_VARIANTS", "attention_probs",
+    "profile", "LayerProfile", "MODALITIES", "DEFAULT_EPS", "N_BINS", "VAR_VARIANTS",
 ]
 
 MODALITIES = ("text", "vision", "sink")  # index = TokenKind code; "all" pools the three
@@ -75,39 +76,6 @@ def _cos_dist(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, ...]:
     diff = a / na.clamp_min(1e-30)[..., None] - b / nb.clamp_min(1e-30)[..., None]
     d = (0.5 * diff.square().sum(-1)).clamp(0.0, 2.0).masked_fill((na == 0) | (nb == 0), 1.0)
     return d, (2.0 * d).sqrt(), na, nb
-
-
-def attention_probs(bb: Backbone, layer_idx: int, x_in: torch.Tensor, kwargs: dict,
-                    query_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention probabilities of decoder layer ``layer_idx`` recomputed from its input.
-
-    ``A = softmax(scale * q k^T [+ softcap] masked by the layer's mask)`` with q, k from
-    :meth:`Backbone.project_qk` on ``input_layernorm(x_in)``, in float32. ``query_idx [B, Q]``
-    selects query rows (all ``N`` when None), so only ``Q x N`` scores are formed. Returns
-    ``probs [B, H, Q, N]`` (rows with no allowed key are 0) and ``allowed [B, Q, N]``.
-    """
-    layer = bb.layers[layer_idx]
-    if "position_embeddings" not in kwargs or not hasattr(layer, "input_layernorm"):
-        raise UnsupportedModelError(
-            f"decoder layer {layer_idx} ({type(layer).__name__}) gets no `position_embeddings` or has no "
-            "`input_layernorm`; attention statistics need the transformers-5 layer interface. Pass "
-            "attention=False to profile without VAR.")
-    B, N, _ = x_in.shape
-    q, k = bb.project_qk(layer_idx, layer.input_layernorm(x_in), kwargs["position_embeddings"])
-    H, hd = q.shape[1], q.shape[-1]
-    allowed = allowed_keys(kwargs.get("attention_mask"), B, N, N, x_in.device)[:, 0]
-    if query_idx is not None:
-        q = q.gather(2, query_idx[:, None, :, None].expand(B, H, query_idx.shape[1], hd))
-        allowed = allowed.gather(1, query_idx[:, :, None].expand(B, query_idx.shape[1], N))
-    Q, g = q.shape[2], H // k.shape[1]
-    scores = q.float().reshape(B, k.shape[1], g * Q, hd) @ k.float().transpose(-1, -2)
-    scores = scores.view(B, H, Q, N) * bb.attention_scale(layer_idx)
-    cap = getattr(bb.attention(layer_idx), "attn_logit_softcapping", None)
-    if cap:
-        scores = torch.tanh(scores / cap) * cap
-    scores = scores.masked_fill(~allowed[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return probs, allowed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +170,7 @@ class _Accumulator:
         """Per-sample VAR of every variant, from the layer's own attention over text queries ``t``:
         ``mass_t = mean_h sum_{j in V} A_h[t, j]`` and ``uniform_t = |V_t| / |K_t|``; "seeing" queries are
         those whose allowed keys include a vision key (removing vision changes nothing for the others)."""
-        probs, allowed = attention_probs(self.bb, l, x_in, kwargs, layout.text_idx)  # [B,H,T,N], [B,T,N]
+        probs, allowed = self.bb.attention_probs(l, x_in, kwargs, layout.text_idx)  # [B,H,T,N], [B,T,N]
         vision = layout.vision.float()
         mass = torch.einsum("bhtn,bn->bt", probs, vision) / probs.shape[1]  # mean over heads
         n_allowed = (allowed & (layout.kinds != TokenKind.PAD)[:, None]).sum(-1).clamp_min(1)
@@ -316,17 +284,6 @@ def profile(model: nn.Module, batches: Iterable[Mapping[str, Any]] | Mapping[str
 PROFILE_FORMAT = 2  # named statistics; profiles without "format" in their meta are the positional format 1
 _EXTREMES = {"min_d": np.minimum, "max_d": np.maximum}  # every other array is a sum: merge adds
 _MERGE_META = ("model_class", "n_layers", "hidden_size", "n_bins", "eps_grid", "attention")
-
-
-def _hoeffding_upper(total: np.ndarray, n: np.ndarray, confidence: float) -> np.ndarray:
-    """One-sided Hoeffding upper bound of the mean of ``n`` independent values in [0, 1] whose sum is
-    ``total``: ``total / n + sqrt(ln(1 / (1 - confidence)) / (2 n))``, clipped to 1.
-
-    :func:`skipit_core.theory.hoeffding_upper` is the same inequality for integer success counts (it
-    rejects the fractional sums of per-sample fractions used here); integer counts go through it.
-    """
-    n = np.asarray(n, dtype=np.float64)
-    return np.minimum(1.0, total / n + np.sqrt(np.log(1.0 / (1.0 - confidence)) / (2.0 * n)))
 
 
 @dataclass(repr=False)
@@ -489,7 +446,7 @@ class LayerProfile:
             raise InputError(f"confidence must be in (0, 1); got {confidence}.")
         m = _QUERY_MODALITIES.index(modality)
         total, n = self.arrays["sample_frac_sum"][:, m, k], self.arrays["sample_n"][:, m]
-        return total / n, _hoeffding_upper(total, n, confidence)
+        return total / n, np.asarray(hoeffding_mean_upper(total, n, confidence), dtype=np.float64)
 
     def any_exceeds(self, eps: float, modality: str = "all", confidence: float | None = None
                     ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
@@ -503,7 +460,6 @@ class LayerProfile:
         total, n = self.arrays["sample_any"][:, m, k], self.arrays["sample_n"][:, m]
         if confidence is None:
             return total / n
-        from .theory import hoeffding_upper
         return total / n, np.asarray(hoeffding_upper(total, n, confidence), dtype=np.float64)
 
     def sample_count(self, modality: str = "all") -> int:

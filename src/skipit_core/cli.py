@@ -7,7 +7,7 @@
 
 ``--model`` is a bundled model name (``digits-llava``, ``digits-qwen2vl``), a local folder or a Hugging
 Face id. ``--data`` is ``digits`` (the frozen DigitScenes test split, the default), a folder written by
-``DigitScenes.freeze`` (one ``<name>.npz`` + ``<name>.jsonl`` pair) or ``pope:PATH`` (a POPE ``.jsonl``
+``VQASet.save`` (one ``<name>.npz`` + ``<name>.jsonl`` pair) or ``pope:PATH`` (a POPE ``.jsonl``
 or hub name); ``--n`` keeps its first items. Plans are written as in Python: ``none``, ``early_exit(k)``,
 ``late_entry(k)``, ``vision_freeze(a-b)``, ``whole_layers(3,4,7)``, combined with ``|``.
 
@@ -44,10 +44,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig
 
 from . import zoo
+from .bench import ideal_speedup, prompt_tokens, time_prefill
+from .capture import profile
 from .distributed import Checkpoint, Ranks, batch_starts, gather_items, gather_profile, process_group, shard
-from .errors import InputError, SkipitError
+from .errors import InputError, PlanError, SkipitError
+from .forward import check_device
+from .skip import SkipPlan
+from .tasks import DigitScenes, encode, evaluate, load_pope, normalize_answer, summarise
 
 __all__ = ["main", "parse_plan", "speedup_line"]
 
@@ -69,8 +78,6 @@ def parse_plan(text: str):
     Indices are ASCII digits; ranges ``a-b`` are inclusive and must run upwards. Anything else raises
     :class:`InputError` (or :class:`PlanError` for terms that contradict each other).
     """
-    from .skip import SkipPlan
-
     if not isinstance(text, str) or not text.strip():
         raise InputError("the plan is empty; write none for no skipping, or e.g. early_exit(8).")
     plan = SkipPlan.none()
@@ -82,8 +89,6 @@ def parse_plan(text: str):
 
 
 def _term(term: str):
-    from .skip import SkipPlan
-
     match = _TERM.match(term)
     if match is None or match.group(1) not in PLAN_KINDS:
         name = match.group(1) if match else term.strip().split("(")[0]
@@ -188,8 +193,6 @@ def _where(source) -> Any:
 def _check_depth(plans: list, source, name: str) -> None:
     """Plans checked against the depth in the model's config, before its weights load."""
     try:
-        from transformers import AutoConfig
-
         config = AutoConfig.from_pretrained(_where(source), local_files_only=source.local_only)
         text = config.get_text_config() if hasattr(config, "get_text_config") else config
         n_layers = int(text.num_hidden_layers)
@@ -200,8 +203,6 @@ def _check_depth(plans: list, source, name: str) -> None:
 
 def _fit(plans: list, target: Any, name: str) -> None:
     """``plan.validate(target)`` for every ``(text, plan)``, naming the model on failure."""
-    from .errors import PlanError
-
     for text, plan in plans:
         try:
             plan.validate(target)
@@ -212,8 +213,6 @@ def _fit(plans: list, target: Any, name: str) -> None:
 
 
 def _pope(path: str):
-    from .tasks import load_pope
-
     if not path.strip():
         raise InputError("--data pope: needs a source, e.g. pope:tests/fixtures/pope/pope.jsonl or pope:lmms-lab/POPE.")
     p = Path(path).expanduser()
@@ -223,26 +222,22 @@ def _pope(path: str):
 
 
 def _frozen(spec: str):
-    from .tasks import DigitScenes
-
     p = Path(spec).expanduser()
     if p.is_dir():
         stems = sorted({f.with_suffix("") for f in p.glob("*.npz") if f.with_suffix(".jsonl").exists()})
         if len(stems) != 1:
             found = ", ".join(s.name for s in stems) or "none"
             raise InputError(f"--data {spec}: a data folder holds one <name>.npz + <name>.jsonl pair (written by "
-                             f"DigitScenes.freeze); found {found}. Give the folder/name of one.")
+                             f"VQASet.save); found {found}. Give the folder/name of one.")
         return DigitScenes.load(stems[0])
     if p.with_suffix(".npz").is_file() and p.with_suffix(".jsonl").is_file():
         return DigitScenes.load(p)
     raise InputError(f"--data {spec!r} is not digits, pope:PATH, nor a folder or <name>.npz/.jsonl written by "
-                     "DigitScenes.freeze; give one of those.")
+                     "VQASet.save; give one of those.")
 
 
 def _load_data(spec: str, n: int | None):
     """The items of ``--data``, the first ``n`` when given (more than there are is an error)."""
-    from .tasks import DigitScenes
-
     try:
         if spec == "digits":
             data = DigitScenes.test_set()
@@ -292,13 +287,10 @@ def _device_map(text: str | None):
 
 def _check_common(args, ranks: Ranks) -> None:
     """Checks that need no file: device options, flags that go together, the launch."""
-    import torch
-
     if args.device is not None:
         if not _DEVICE.match(args.device):
             raise InputError(f"--device {args.device!r}: use cpu, cuda, cuda:N or mps.")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise InputError(f"--device {args.device}: CUDA is not available here; use --device cpu.")
+        check_device(args.device, "--device")
     args.device_map = _device_map(args.device_map)
     args.max_memory = _memory(args.max_memory)
     if args.device_map is None and (args.max_memory or args.offload_folder):
@@ -317,30 +309,13 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _load_model(args, source, device: str):
-    """``(model, processor)``: :func:`skipit_core.zoo.load_vlm`, or dispatched by accelerate with
-    ``--device-map`` (``--max-memory``, ``--offload-folder``)."""
-    import torch
-
+    """``(model, processor)`` by :func:`skipit_core.zoo.load_vlm`; with ``--device-map`` dispatched by
+    accelerate (``--max-memory``, ``--offload-folder``, default a scratch folder)."""
     dtype = getattr(torch, args.dtype) if args.dtype else None
     if args.device_map is None:
         return zoo.load_vlm(args.model, device=device, dtype=dtype)
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    where = _where(source)
-    if source.kind == "hub":
-        processor = AutoProcessor.from_pretrained(where, local_files_only=source.local_only)
-        dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
-    else:
-        from .zoo.build import load_processor
-
-        processor = load_processor(where)
-    offload = args.offload_folder or _scratch("skipit-offload-")
-    kwargs = dict(device_map=args.device_map, offload_folder=offload, dtype=dtype or torch.float32,
-                  local_files_only=source.local_only)
-    if args.max_memory:
-        kwargs["max_memory"] = args.max_memory
-    model = AutoModelForImageTextToText.from_pretrained(where, **kwargs)
-    return model.eval(), processor
+    return zoo.load_vlm(args.model, dtype=dtype, device_map=args.device_map, max_memory=args.max_memory,
+                        offload_folder=args.offload_folder or _scratch("skipit-offload-"))
 
 
 def _scratch(prefix: str) -> str:
@@ -368,8 +343,6 @@ def _say(line: str) -> None:
 
 # ------------------------------------------------------------------------------------ commands
 def cmd_profile(args, ranks: Ranks) -> None:
-    from tqdm import tqdm
-
     out = _check_out(args.out, (".npz", ".json"), "profiles")
     _, source, data = _prepare(args, ranks)
     index = shard(len(data), args.batch_size, ranks)
@@ -411,9 +384,6 @@ def _checkpoint(args, ranks: Ranks, data):
 def _profile_batches(model, processor, data, starts: list[int], args, ck, prof, done: int, bar):
     """:func:`skipit_core.capture.profile` over the batches at ``starts``, merged into ``prof``; with a
     checkpoint, one pass per ``--checkpoint-every`` batches, each saved before the next."""
-    from .capture import profile
-    from .tasks import encode
-
     def inputs(chunk):
         for s in chunk:
             yield encode(processor, data, s, min(s + args.batch_size, len(data)))
@@ -469,8 +439,6 @@ def _write_profile(prof, path: Path) -> Path:
 
 
 def cmd_evaluate(args, ranks: Ranks) -> None:
-    from .tasks import evaluate
-
     out = _check_out(args.out, (".json", ".parquet"), "evaluation results")
     plans, source, data = _prepare(args, ranks, args.plan or ["none"])
     index = shard(len(data), args.batch_size, ranks)
@@ -499,15 +467,12 @@ def _gather_result(part, data, index: np.ndarray, ranks: Ranks):
     """The one-process :class:`EvalResult` of ``data`` from every rank's result on its items."""
     if not ranks.distributed:
         return part
-    from .tasks import normalize_answer
-    from .tasks.evaluation import _summarise  # the scoring evaluate() itself uses
-
     def whole(result, items):
         preds = gather_items(index, result.predictions, len(items), ranks)
         if preds is None:
             return None
         correct = np.array([p == normalize_answer(a) for p, a in zip(preds, items.answers)], dtype=bool)
-        return _summarise(list(items.families), correct, preds, result.confidence)
+        return summarise(list(items.families), correct, preds, result.confidence)
     result = whole(part, data)
     blank = whole(part.blank, data.blank()) if part.blank is not None else None
     if result is not None:
@@ -532,8 +497,6 @@ def _write_eval(results, data, args, path: Path) -> Path:
     """``.parquet``: one row per plan and item; ``.json``: per plan the summary and its items."""
     rows = _eval_rows(results, data)
     if path.suffix.lower() == ".parquet":
-        import pandas as pd
-
         pd.DataFrame(rows).to_parquet(path, engine="pyarrow", index=False)
         return path
     doc = {"model": args.model, "data": data.name, "n": len(data), "batch_size": args.batch_size, "results": [
@@ -566,11 +529,6 @@ def speedup_line(text: str, base, timed, ideal: float) -> str:
 
 
 def cmd_bench(args, ranks: Ranks) -> None:
-    from tqdm import tqdm
-
-    from .bench import ideal_speedup, prompt_tokens, time_prefill
-    from .tasks import encode
-
     if ranks.distributed:
         raise InputError("bench times one process; run it without torchrun (processes would share the machine "
                          "and time each other).")
@@ -631,7 +589,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="digits-llava", help="bundled name, local folder or HF id")
-    p.add_argument("--data", default="digits", help="digits (default), a DigitScenes.freeze folder, or pope:PATH")
+    p.add_argument("--data", default="digits", help="digits (default), a VQASet.save folder, or pope:PATH")
     p.add_argument("--n", "--n-items", dest="n", type=_count(1), default=None, metavar="N",
                    help="use the first N items (default: all); under torchrun write --n-items")
     p.add_argument("--batch-size", type=_count(1), default=32, help="items per forward pass (default 32)")
@@ -652,8 +610,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         ranks = Ranks.from_env()
         args = _parser().parse_args(argv, namespace=args)
         if args.threads is not None:
-            import torch
-
             torch.set_num_threads(args.threads)
         args.func(args, ranks)
     except SystemExit as exc:  # --help

@@ -31,8 +31,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+import torch.distributed as dist
 
+from .capture import LayerProfile
 from .errors import InputError
 from .forward import execution_device  # noqa: F401  (re-exported: where inputs go)
 
@@ -111,8 +112,6 @@ def shard(n_items: int, batch_size: int, ranks: Ranks) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------ process group
 def _dist():
-    import torch.distributed as dist
-
     return dist
 
 
@@ -212,8 +211,6 @@ class Checkpoint:
         """``(profile, batches_done)`` from the checkpoint, ``(None, 0)`` when there is none.
 
         Raises :class:`InputError` when it was written by a run with other arguments."""
-        from .capture import LayerProfile
-
         if not self.path.exists():
             return None, 0
         try:
@@ -233,8 +230,6 @@ class Checkpoint:
 
     def save(self, prof, batches_done: int) -> None:
         """Write ``prof`` with ``batches_done`` atomically (temporary file, fsync, rename)."""
-        from .capture import LayerProfile
-
         state = {"identity": self.identity, "batches_done": int(batches_done), "samples_done": int(prof.n_samples)}
         tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
         LayerProfile(dict(prof.meta, checkpoint=state), prof.arrays, prof.pooled).save(tmp)

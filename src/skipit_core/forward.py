@@ -29,6 +29,7 @@ from .errors import InputError
 from .models import Backbone, TokenKind
 
 __all__ = [
+    "check_device",
     "BatchLayout", "iter_batches", "move_inputs", "model_device_dtype", "execution_device", "run_forward", "last_logprobs",
     "hooked", "accepts", "layer_input", "StopForward", "PostHook", "PreHook", "TRASH_SLOT",
 ]
@@ -89,6 +90,25 @@ class BatchLayout:
         n_vision = vision.sum(1)
         return cls(kinds, kinds.masked_fill(kinds == TokenKind.PAD, TRASH_SLOT), vision, n_vision,
                    text_idx, text_valid, n_text, last_text, last_pos, bool(n_vision.any()), n_text_max)
+
+
+def check_device(device: str | torch.device, what: str = "device") -> torch.device:
+    """``device`` as a :class:`torch.device` that exists here, else :class:`InputError` with the fix
+    (a typo such as ``"gpu0"``, ``"cuda"`` on a machine without CUDA, a GPU index past the count, ``"mps"``
+    where Metal is absent)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise InputError(f"{what} {device!r} is not a device: use 'cpu', 'cuda', 'cuda:N' or 'mps'.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"{what} {device!r}: CUDA is not available here; use 'cpu'.")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise InputError(f"{what} {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"{what} {device!r}: Apple's MPS is not available here; use 'cpu'.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise InputError(f"{what} {device!r}: skipit runs on 'cpu', 'cuda' or 'mps'.")
+    return dev
 
 
 def execution_device(model: nn.Module) -> torch.device:

@@ -46,6 +46,7 @@ BROJA (Bertschinger, Rauh, Olbrich, Jost & Ay 2014), MMI, and Gaussian MMI (Barr
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -57,6 +58,9 @@ from scipy import sparse
 from scipy import stats as sps
 from scipy.special import digamma, ndtri
 from scipy.stats import rankdata
+from sklearn.cluster import KMeans, MiniBatchKMeans
+from sklearn.covariance import ledoit_wolf
+from sklearn.neighbors import KDTree
 
 from .errors import InputError, NumericalError
 from .utils import as_int, as_numpy, as_probability_level, check_finite
@@ -269,8 +273,6 @@ def ledoit_wolf_covariance(x) -> tuple[np.ndarray, float]:
     ``sklearn.covariance.ledoit_wolf``. The estimators of this module no longer use it (see
     :func:`gaussian_logdet_bias` for why); it stays for callers who want a well-conditioned covariance.
     """
-    from sklearn.covariance import ledoit_wolf
-
     cov, shrink = ledoit_wolf(_samples(x, "x", estimate=False))
     return np.asarray(cov, dtype=np.float64), float(shrink)
 
@@ -428,8 +430,6 @@ def _jitter(arrays: Sequence[np.ndarray], scale: float, seed: int) -> list[np.nd
 
 
 def _knn_tree(blocks: Sequence[np.ndarray], spaces: Sequence[Sequence[int]], k: int):
-    from sklearn.neighbors import KDTree  # Chebyshev KD-tree; counts within a radius without listing
-
     joint = np.concatenate(blocks, axis=1)
     eps = KDTree(joint, metric="chebyshev").query(joint, k=k + 1)[0][:, -1]
     radius = np.nextafter(eps, 0)  # query_radius counts d <= r; we need d < eps
@@ -674,8 +674,6 @@ def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) ->
     ``MiniBatchKMeans`` beyond. The codes make the discrete estimators and theorems T3/T4 applicable
     to hidden states; normalise the states first if the geometry of interest is cosine.
     """
-    from sklearn.cluster import KMeans, MiniBatchKMeans
-
     n_codes = as_int(n_codes, "n_codes", minimum=2, what="number of k-means codes")
     seed = as_int(seed, "seed", minimum=0, maximum=2**32 - 1)  # scikit-learn's random_state range
     minibatch_above = as_int(minibatch_above, "minibatch_above", minimum=1)
@@ -714,8 +712,6 @@ MAX_RESAMPLES = 10**7
 
 def _rng_kwarg(func: Callable, seed: int) -> dict:
     """``rng=`` for SciPy >= 1.15, ``random_state=`` before (both seeded with ``seed``)."""
-    import inspect
-
     key = "rng" if "rng" in inspect.signature(func).parameters else "random_state"
     return {key: np.random.default_rng(seed)}
 

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import theory
-from .capture import LayerProfile, attention_probs
+from .capture import LayerProfile
 from .forward import BatchLayout, iter_batches, last_logprobs, run_forward
 from .errors import InputError, UnsupportedModelError
 from .models import Backbone, TokenKind, allowed_keys
@@ -212,7 +212,7 @@ def fastv_scores(model: nn.Module, batches: Batches, layer: int, query: str = "a
     Chen et al. 2024, "An Image is Worth 1/2 Tokens After Layer 2", arXiv:2403.06764. The score of
     vision token ``j`` is ``s_j = (1/H) sum_h (1/|Q|) sum_{q in Q} A_h[q, j]`` with ``A_h`` the layer's
     attention probabilities (recomputed from its queries/keys, see
-    :func:`skipit_core.capture.attention_probs`) and ``Q`` all non-padding queries (``query="all"``, the
+    :meth:`Backbone.attention_probs`) and ``Q`` all non-padding queries (``query="all"``, the
     paper's average attention received) or only the last position (``query="last"``, FastV's
     released code). FastV with ``K = 2`` ranks with layer index ``layer = 1`` and prunes the lowest-
     ranked tokens from layer 2 on. The forward stops after ``layer``.
@@ -230,7 +230,7 @@ def fastv_scores(model: nn.Module, batches: Batches, layer: int, query: str = "a
             if l != layer:
                 return None
             idx = layout.last_pos[:, None] if query == "last" else None
-            probs = attention_probs(bb, l, x_in, kwargs, idx)[0].mean(1)  # [B, Q, N]
+            probs = bb.attention_probs(l, x_in, kwargs, idx)[0].mean(1)  # [B, Q, N]
             if query == "all":
                 real = (layout.kinds != TokenKind.PAD).float()
                 probs = (probs * real[..., None]).sum(1) / real.sum(1, keepdim=True)
@@ -273,8 +273,8 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
     """T5 on real attention: how much removing the vision keys changes each text query's attention
     output in decoder ``layer``, next to the bound the theorem gives from the same attention rows.
 
-    Attention rows are recomputed from the layer's queries and keys (:func:`attention_probs`), values
-    from its ``v_proj`` (key-value heads repeated to the query heads), ``W_O`` is its ``o_proj``
+    Attention rows are recomputed from the layer's queries and keys (:meth:`Backbone.attention_probs`),
+    values from :meth:`Backbone.attention_values` (key-value heads repeated to the query heads), ``W_O`` is its ``o_proj``
     weight. Keys are each sample's own positions (padding left out). Text queries whose causal mask
     hides every vision key (``tau = 0``, e.g. a question placed before the image) are left out: their
     change is 0 and so is their bound. Memory per sample is ``T x H x N x head_dim`` floats; the norms
@@ -292,10 +292,8 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
         def post(l, x_in, x_out, kwargs, layout, got=got):
             if l != layer:
                 return None
-            got["probs"] = attention_probs(bb, l, x_in, kwargs, layout.text_idx)[0]  # [B, H, T, N]
-            v = bb.attention(l).v_proj(bb.layers[l].input_layernorm(x_in))
-            v = v.view(*x_in.shape[:2], -1, bb.head_dim).transpose(1, 2)  # [B, H_kv, N, hd]
-            got["values"] = v.repeat_interleave(got["probs"].shape[1] // v.shape[1], dim=1)
+            got["probs"] = bb.attention_probs(l, x_in, kwargs, layout.text_idx)[0]  # [B, H, T, N]
+            got["values"] = bb.attention_values(l, x_in)  # [B, H, N, hd]
             return None
 
         run_forward(bb, inputs, layout, post=post, stop_after=layer)

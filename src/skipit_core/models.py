@@ -30,10 +30,19 @@ from typing import Callable
 
 import torch
 from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from .errors import InputError, UnsupportedModelError
+from .errors import InputError, PlanError, UnsupportedModelError
 
-__all__ = ["Backbone", "Family", "FAMILIES", "TokenKind", "token_kinds", "allowed_keys"]
+__all__ = ["Backbone", "Family", "FAMILIES", "TokenKind", "token_kinds", "allowed_keys", "ROW_SPLIT_LAYERS"]
+
+#: decoder-layer classes whose forward :class:`Backbone` can run row by row (vision freeze): the value
+#: says whether the class has Gemma 3's "sandwich" norms around both sublayers
+ROW_SPLIT_LAYERS: dict[str, bool] = {
+    "LlamaDecoderLayer": False, "MistralDecoderLayer": False, "Qwen2DecoderLayer": False,
+    "Qwen2VLDecoderLayer": False, "Qwen2_5_VLDecoderLayer": False, "Qwen3VLTextDecoderLayer": False,
+    "Qwen3DecoderLayer": False, "GemmaDecoderLayer": False, "Gemma3DecoderLayer": True,
+}
 
 
 @dataclass(frozen=True)
@@ -206,10 +215,40 @@ class Backbone:
                 if inputs.get(key) is None:
                     raise InputError(f"inputs lack `{key}`. " + self.family.hint(key))
 
-    # --------------------------------------------------------------- attention
+    # ------------------------------------------------------------ layer anatomy
+    # A decoder layer computes  h = x + o_proj(Attn(q, k, v))  on  n = input_layernorm(x),
+    # then  y = h + mlp(post_attention_layernorm(h))  (Gemma 3 wraps both sublayers in extra norms).
+    # The methods below expose those pieces so that measures and plans can run them on chosen rows.
+    def decoder_layer(self, layer_idx: int) -> nn.Module:
+        """Decoder layer ``layer_idx`` itself (the original layer while a skip plan wraps it)."""
+        layer = self.layers[layer_idx]
+        return layer.layer if getattr(type(layer), "wraps_decoder_layer", False) else layer
+
     def attention(self, layer_idx: int) -> nn.Module:
         """The self-attention module of decoder layer ``layer_idx``."""
-        return self.layers[layer_idx].self_attn
+        return self.decoder_layer(layer_idx).self_attn
+
+    def input_norm(self, layer_idx: int, x: torch.Tensor) -> torch.Tensor:
+        """``input_layernorm(x)``: what the layer's q/k/v projections read, ``[B, N, d]``."""
+        return self.decoder_layer(layer_idx).input_layernorm(x)
+
+    def check_row_split(self, layer_idx: int) -> None:
+        """Raise :class:`PlanError` unless layer ``layer_idx`` can be run on a subset of its rows
+        (queries and MLP for some rows, keys/values for all: :meth:`finish_layer` and friends)."""
+        layer = self.decoder_layer(layer_idx)
+        name = type(layer).__name__
+        needed = ["input_layernorm", "post_attention_layernorm", "mlp", "self_attn"]
+        if ROW_SPLIT_LAYERS.get(name):
+            needed += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+        attn = getattr(layer, "self_attn", None)
+        missing = [n for n in needed if not hasattr(layer, n)]
+        missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
+        if name not in ROW_SPLIT_LAYERS or missing:
+            raise PlanError(
+                f"vision_freeze cannot split layer {layer_idx} ({name}) by rows: it supports "
+                f"{', '.join(sorted(ROW_SPLIT_LAYERS))}" + (f"; missing {missing}" if missing else "")
+                + ". Use late_entry / early_exit / whole_layers, which treat any layer as a black box."
+            )
 
     def rope_function(self, layer_idx: int) -> Callable:
         """The ``apply_rotary_pos_emb(q, k, cos, sin)`` the layer's own modeling file uses.
@@ -227,23 +266,98 @@ class Backbone:
         return fn
 
     def project_qk(self, layer_idx: int, normed: torch.Tensor,
-                   position_embeddings: tuple[torch.Tensor, torch.Tensor]
+                   position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                   query_states: torch.Tensor | None = None,
+                   query_position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Queries and keys of layer ``layer_idx`` exactly as its attention computes them.
 
-        ``normed`` is the layer's input after its ``input_layernorm``, ``[B, N, d]``. Returns
-        ``q [B, H, N, head_dim]`` and ``k [B, H_kv, N, head_dim]`` after the per-head norms
-        (Gemma 3, Qwen3) and the rotary embedding.
+        ``normed`` is the layer's input after its ``input_layernorm`` (:meth:`input_norm`), ``[B, N, d]``.
+        Returns ``q [B, H, N, head_dim]`` and ``k [B, H_kv, N, head_dim]`` after the per-head norms
+        (Gemma 3, Qwen3) and the rotary embedding. With ``query_states [B, R, d]`` (a subset of the normed
+        rows) and their ``query_position_embeddings``, queries are formed for those rows only:
+        ``q [B, H, R, head_dim]``, keys still for all ``N``.
         """
         attn = self.attention(layer_idx)
-        shape = (*normed.shape[:-1], -1, self.head_dim)
-        q = attn.q_proj(normed).view(shape)
-        k = attn.k_proj(normed).view(shape)
+        q_in = normed if query_states is None else query_states
+        q = attn.q_proj(q_in).view(*q_in.shape[:-1], -1, self.head_dim)
+        k = attn.k_proj(normed).view(*normed.shape[:-1], -1, self.head_dim)
         if hasattr(attn, "q_norm"):
             q, k = attn.q_norm(q), attn.k_norm(k)
+        rope = self.rope_function(layer_idx)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
         cos, sin = position_embeddings
-        return self.rope_function(layer_idx)(q.transpose(1, 2), k.transpose(1, 2), cos, sin)
+        if query_states is None:
+            return rope(q, k, cos, sin)
+        q_cos, q_sin = query_position_embeddings
+        # the rope function rotates a (q, k) pair; the partner of each call is a one-head slice, discarded
+        return rope(q, q[:, :1], q_cos, q_sin)[0], rope(k[:, :1], k, cos, sin)[1]
+
+    def project_values(self, layer_idx: int, normed: torch.Tensor) -> torch.Tensor:
+        """Values ``v [B, H_kv, N, head_dim]`` of layer ``layer_idx`` from its normed input ``[B, N, d]``."""
+        v = self.attention(layer_idx).v_proj(normed)
+        return v.view(*normed.shape[:-1], -1, self.head_dim).transpose(1, 2)
 
     def attention_scale(self, layer_idx: int) -> float:
         """The factor multiplying ``q k^T`` in layer ``layer_idx`` (``head_dim^-1/2`` unless overridden)."""
         return float(getattr(self.attention(layer_idx), "scaling", self.head_dim ** -0.5))
+
+    def attention_probs(self, layer_idx: int, x_in: torch.Tensor, kwargs: Mapping[str, object],
+                        query_idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention probabilities of decoder layer ``layer_idx`` recomputed from its input ``x_in [B, N, d]``.
+
+        ``A = softmax(scale * q k^T [+ softcap] masked by the layer's mask)`` with q, k from
+        :meth:`project_qk`, in float32; ``kwargs`` are the keyword arguments the layer was called with
+        (``position_embeddings``, ``attention_mask``). ``query_idx [B, Q]`` selects query rows (all ``N``
+        when None), so only ``Q x N`` scores are formed. Returns ``probs [B, H, Q, N]`` (rows with no
+        allowed key are 0) and ``allowed [B, Q, N]``.
+        """
+        layer = self.decoder_layer(layer_idx)
+        if "position_embeddings" not in kwargs or not hasattr(layer, "input_layernorm"):
+            raise UnsupportedModelError(
+                f"decoder layer {layer_idx} ({type(layer).__name__}) gets no `position_embeddings` or has no "
+                "`input_layernorm`; attention statistics need the transformers-5 layer interface. Pass "
+                "attention=False to profile without VAR.")
+        B, N, _ = x_in.shape
+        q, k = self.project_qk(layer_idx, self.input_norm(layer_idx, x_in), kwargs["position_embeddings"])
+        H, hd = q.shape[1], q.shape[-1]
+        allowed = allowed_keys(kwargs.get("attention_mask"), B, N, N, x_in.device)[:, 0]
+        if query_idx is not None:
+            q = q.gather(2, query_idx[:, None, :, None].expand(B, H, query_idx.shape[1], hd))
+            allowed = allowed.gather(1, query_idx[:, :, None].expand(B, query_idx.shape[1], N))
+        Q, g = q.shape[2], H // k.shape[1]
+        scores = q.float().reshape(B, k.shape[1], g * Q, hd) @ k.float().transpose(-1, -2)
+        scores = scores.view(B, H, Q, N) * self.attention_scale(layer_idx)
+        cap = getattr(self.attention(layer_idx), "attn_logit_softcapping", None)
+        if cap:
+            scores = torch.tanh(scores / cap) * cap
+        scores = scores.masked_fill(~allowed[:, None], float("-inf"))
+        return torch.softmax(scores, dim=-1).nan_to_num(0.0), allowed
+
+    def attention_values(self, layer_idx: int, x_in: torch.Tensor) -> torch.Tensor:
+        """Values of layer ``layer_idx`` repeated to the query heads, ``[B, H, N, head_dim]``, so that
+        ``attention_probs(...)[0] @ attention_values(...)`` is each head's attention output."""
+        v = self.project_values(layer_idx, self.input_norm(layer_idx, x_in))
+        return v.repeat_interleave(self.n_heads // v.shape[1], dim=1)
+
+    def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+        """``o_proj(Attn(q, k, v))`` through the attention implementation the layer is configured with;
+        ``q [B, H, R, hd]``, ``k, v [B, H_kv, K, hd]``, ``mask`` in that implementation's encoding;
+        returns ``[B, R, d]``."""
+        attn = self.attention(layer_idx)
+        eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
+        out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
+                           sliding_window=getattr(attn, "sliding_window", None))
+        return attn.o_proj(out.reshape(*q.shape[:1], q.shape[2], -1))
+
+    def finish_layer(self, layer_idx: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The rest of decoder layer ``layer_idx`` after attention: residual, norms and MLP, on the rows
+        ``x [B, R, d]`` whose attention output is ``attn_out [B, R, d]`` (:meth:`attend`)."""
+        layer = self.decoder_layer(layer_idx)
+        if ROW_SPLIT_LAYERS[type(layer).__name__]:  # Gemma 3: norms around both sublayers
+            h = x + layer.post_attention_layernorm(attn_out)
+            return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        h = x + attn_out
+        return h + layer.mlp(layer.post_attention_layernorm(h))

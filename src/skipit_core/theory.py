@@ -21,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from scipy import optimize, stats
+from scipy import optimize
 
 from .errors import InputError, NumericalError
 from .information import conditional_entropy_from_table

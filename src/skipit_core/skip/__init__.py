@@ -12,7 +12,6 @@ model (layer wrappers, gathered rows, KV-cache ledger) and restores the model ex
 from __future__ import annotations
 
 from .plan import LayerMode, SkipPlan, Work
-from .runtime import FREEZE_LAYER_CLASSES, Session, SkipLayer, active_session, check_freeze_support, skipping
+from .runtime import Session, SkipLayer, active_session, skipping
 
-__all__ = ["SkipPlan", "LayerMode", "Work", "skipping", "Session", "SkipLayer", "active_session",
-           "check_freeze_support", "FREEZE_LAYER_CLASSES"]
+__all__ = ["SkipPlan", "LayerMode", "Work", "skipping", "Session", "SkipLayer", "active_session"]

@@ -18,12 +18,14 @@ Plans are built from the four constructors and composed with ``|``::
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
 from ..errors import PlanError
+from ..models import Backbone
 
 __all__ = ["SkipPlan", "LayerMode", "Work"]
 
@@ -55,25 +57,48 @@ class LayerMode(str, Enum):
         return Work.KV if self is LayerMode.FREEZE else Work.NONE
 
 
-def _layer_set(layers: int | Iterable[int], what: str) -> frozenset[int]:
-    if isinstance(layers, int):
-        layers = (layers,)
-    if isinstance(layers, range):
-        layers = tuple(layers)
+def _as_layer(x: Any) -> int:
+    """``x`` as a non-negative layer index: ints and integer-likes (``np.int64``, a 0-d integer tensor,
+    anything with ``__index__``); bools (also numpy / torch booleans) and negatives raise ``ValueError``."""
+    if isinstance(x, bool) or "bool" in str(getattr(x, "dtype", "")):
+        raise ValueError
     try:
-        out = frozenset(layers)
-    except TypeError as exc:
-        raise PlanError(f"{what} takes a layer index or an iterable of them, got {layers!r}.") from exc
-    bad = [x for x in out if not isinstance(x, int) or isinstance(x, bool) or x < 0]
+        index = operator.index(x)
+    except TypeError:
+        raise ValueError from None
+    if index < 0:
+        raise ValueError
+    return index
+
+
+def _layer_set(layers: Any, what: str) -> frozenset[int]:
+    """A layer index or an iterable of them (a range, a list, a numpy array ...) as a frozenset of ints."""
+    try:
+        return frozenset((_as_layer(layers),))
+    except ValueError:
+        pass
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise PlanError(f"{what} takes a layer index or an iterable of them, got {layers!r}.")
+    items, bad = list(layers), []
+    out = set()
+    for x in items:
+        try:
+            out.add(_as_layer(x))
+        except ValueError:
+            bad.append(x)
     if bad:
-        raise PlanError(f"{what}: layer indices must be non-negative ints (0-based); got {sorted(map(str, bad))}.")
-    return out
+        raise PlanError(f"{what}: layer indices must be non-negative ints (0-based; integer-likes such as np.int64 "
+                        "work, bools do not); got "
+                        f"{', '.join(map(repr, bad))}.")
+    return frozenset(out)
 
 
 def _index(k: Any, what: str) -> int:
-    if not isinstance(k, int) or isinstance(k, bool) or k < 0:
-        raise PlanError(f"{what}(k) takes a non-negative int layer index (0-based), got {k!r}.")
-    return k
+    try:
+        return _as_layer(k)
+    except ValueError:
+        raise PlanError(f"{what}(k) takes a non-negative integer layer index (0-based; not a bool), "
+                        f"got {k!r} ({type(k).__name__}).") from None
 
 
 def _ranges(layers: frozenset[int]) -> str:
@@ -205,8 +230,6 @@ class SkipPlan:
         vision-freeze layers must have a structure :mod:`skipit_core.skip` knows how to split by rows.
         """
         if not isinstance(backbone, int):
-            from ..models import Backbone
-
             backbone = Backbone.of(backbone)
         n_layers = backbone if isinstance(backbone, int) else backbone.n_layers
         for name, k in (("late_entry", self.entry), ("early_exit", self.exit)):
@@ -223,10 +246,8 @@ class SkipPlan:
                     "Was the plan built for a deeper model?"
                 )
         if not isinstance(backbone, int):
-            from .runtime import check_freeze_support  # late import: runtime imports this module
-
             for layer in sorted(self.freeze):
-                check_freeze_support(backbone, layer)
+                backbone.check_row_split(layer)
         return self
 
     # ---------------------------------------------------------------- display

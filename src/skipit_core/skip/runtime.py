@@ -28,7 +28,7 @@ number of kept rows in the batch: that is read once per forward with more than o
 
 from __future__ import annotations
 
-import sys
+import copy
 import types
 import weakref
 from collections.abc import Iterator
@@ -43,41 +43,12 @@ from ..errors import InputError, PlanError, SkipitError
 from ..models import Backbone
 from .plan import LayerMode, SkipPlan
 
-__all__ = ["skipping", "Session", "SkipLayer", "check_freeze_support", "active_session", "FREEZE_LAYER_CLASSES"]
-
-# decoder-layer classes whose forward vision_freeze re-implements; True = Gemma-3 "sandwich" norms
-FREEZE_LAYER_CLASSES: dict[str, bool] = {
-    "LlamaDecoderLayer": False, "MistralDecoderLayer": False, "Qwen2DecoderLayer": False,
-    "Qwen2VLDecoderLayer": False, "Qwen2_5_VLDecoderLayer": False, "Qwen3VLTextDecoderLayer": False,
-    "Qwen3DecoderLayer": False, "GemmaDecoderLayer": False, "Gemma3DecoderLayer": True,
-}
+__all__ = ["skipping", "Session", "SkipLayer", "active_session", "LEDGER_CACHE_LAYERS"]
 
 _ACTIVE: "weakref.WeakKeyDictionary[nn.Module, Session]" = weakref.WeakKeyDictionary()
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _unwrap(layer: nn.Module) -> nn.Module:
-    return layer.layer if isinstance(layer, SkipLayer) else layer
-
-
-def check_freeze_support(backbone: Backbone, layer_idx: int) -> None:
-    """Raise :class:`PlanError` unless vision_freeze knows how to split layer ``layer_idx`` by rows."""
-    layer = _unwrap(backbone.layers[layer_idx])
-    name = type(layer).__name__
-    needed = ["input_layernorm", "post_attention_layernorm", "mlp", "self_attn"]
-    if FREEZE_LAYER_CLASSES.get(name):
-        needed += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
-    attn = getattr(layer, "self_attn", None)
-    missing = [n for n in needed if not hasattr(layer, n)]
-    missing += [f"self_attn.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj") if not hasattr(attn, n)]
-    if name not in FREEZE_LAYER_CLASSES or missing:
-        raise PlanError(
-            f"vision_freeze cannot split layer {layer_idx} ({name}) by rows: it supports "
-            f"{', '.join(sorted(FREEZE_LAYER_CLASSES))}" + (f"; missing {missing}" if missing else "")
-            + ". Use late_entry / early_exit / whole_layers, which treat any layer as a black box."
-        )
-
-
 def _gather_rows(x: torch.Tensor, idx: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """``x[b, idx[b, j], ...]`` along ``dim`` (1 for [B, N, ...] tensors); broadcasts a batch of 1."""
     shape = list(x.shape)
@@ -398,12 +369,22 @@ class SkipLayer(nn.Module):
     Attribute reads it does not own (``attention_type``, ``layer_idx`` ...) go to the original layer.
     """
 
+    wraps_decoder_layer = True  # :meth:`Backbone.decoder_layer` looks through it
+
     def __init__(self, layer: nn.Module, layer_index: int, mode: LayerMode, session: "Session"):
         super().__init__()
         self.layer = layer
         self.skip_index = layer_index
         self.skip_mode = mode
         self._session_ref = weakref.ref(session)
+        # state_dict / load_state_dict / save_pretrained inside the context use the keys of the model
+        # outside it (``layers.N.self_attn...``, not ``layers.N.layer.self_attn...``)
+        self.register_state_dict_post_hook(_drop_wrapper_prefix)
+        self.register_load_state_dict_pre_hook(_add_wrapper_prefix)
+
+    def __deepcopy__(self, memo: dict) -> nn.Module:
+        """A copy of the model made inside the context is one of the model outside it."""
+        return copy.deepcopy(self.layer, memo)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -430,6 +411,37 @@ class SkipLayer(nn.Module):
         return _run_freeze(self.layer, self.skip_index, step, hidden_states, kwargs)
 
 
+def _drop_wrapper_prefix(module: nn.Module, state_dict: dict, prefix: str, local_metadata: Any) -> None:
+    inner = prefix + "layer."
+    for key in [k for k in state_dict if k.startswith(inner)]:
+        state_dict[prefix + key[len(inner):]] = state_dict.pop(key)
+    for key in [k for k in getattr(state_dict, "_metadata", {}) if k.startswith(inner[:-1])]:
+        state_dict._metadata[prefix + key[len(inner):]] = state_dict._metadata.pop(key)
+
+
+def _add_wrapper_prefix(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    inner = prefix + "layer."
+    for key in [k for k in state_dict if k.startswith(prefix) and not k.startswith(inner)]:
+        state_dict[inner + key[len(prefix):]] = state_dict.pop(key)
+
+
+class _Hook:
+    """A session hook; a deep copy of the model made inside the context gets a no-op in its place."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        return _no_hook
+
+
+def _no_hook(*args: Any, **kwargs: Any) -> None:
+    return None
+
+
 def _run_text(layer: nn.Module, index: int, step: Step, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """The layer on the kept (text) rows only; removed rows keep their states and stay out of its cache."""
     rows = step.rows()
@@ -447,43 +459,20 @@ def _run_text(layer: nn.Module, index: int, step: Step, x: torch.Tensor, kwargs:
 
 def _run_freeze(layer: nn.Module, index: int, step: Step, x: torch.Tensor, kwargs: dict) -> torch.Tensor:
     """ShortV-style layer: K/V from every row (all cached), query + MLP for text rows, vision rows unchanged."""
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    attn, rows = layer.self_attn, step.rows()
-    backbone = step.session.backbone
-    batch, n_new, head_dim = x.shape[0], x.shape[1], backbone.head_dim
-    rope = backbone.rope_function(index)
-    cos, sin = kwargs["position_embeddings"]
-    normed = layer.input_layernorm(x)
-    k = attn.k_proj(normed).view(batch, n_new, -1, head_dim)
-    v = attn.v_proj(normed).view(batch, n_new, -1, head_dim).transpose(1, 2)
-    normed_kept = _gather_rows(normed, rows.idx)
-    q = attn.q_proj(normed_kept).view(batch, rows.k, -1, head_dim)
-    if hasattr(attn, "q_norm"):
-        q, k = attn.q_norm(q), attn.k_norm(k)
-    cos_kept, sin_kept = step.gather_rotary((cos, sin))
-    q, k = q.transpose(1, 2), k.transpose(1, 2)  # the rope function rotates a pair; the partner is 1 head
-    q = rope(q, q[:, :1], cos_kept, sin_kept)[0]
-    k = rope(k[:, :1], k, cos, sin)[1]
+    bb, rows = step.session.backbone, step.rows()
+    position_embeddings = kwargs["position_embeddings"]
+    normed = bb.input_norm(index, x)
+    q, k = bb.project_qk(index, normed, position_embeddings, _gather_rows(normed, rows.idx),
+                         step.gather_rotary(position_embeddings))
+    v = bb.project_values(index, normed)
     cache = kwargs.get("past_key_values")
     if cache is not None:
-        k, v = cache.update(k, v, attn.layer_idx)
+        k, v = cache.update(k, v, bb.attention(index).layer_idx)
     if rows.k == 0:
         return x
-    mask = step.freeze_mask(kwargs.get("attention_mask"), k.shape[-2])
-    eager = getattr(sys.modules[type(attn).__module__], "eager_attention_forward", None)
-    attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
-    out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
-                       sliding_window=getattr(attn, "sliding_window", None))
-    out = attn.o_proj(out.reshape(batch, rows.k, -1))
+    out = bb.attend(index, q, k, v, step.freeze_mask(kwargs.get("attention_mask"), k.shape[-2]))
     x_kept = _gather_rows(x, rows.idx)
-    if FREEZE_LAYER_CLASSES[type(layer).__name__]:  # Gemma 3: norms around both sublayers
-        h = x_kept + layer.post_attention_layernorm(out)
-        y = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
-    else:
-        h = x_kept + out
-        y = h + layer.mlp(layer.post_attention_layernorm(h))
-    return _scatter_rows(x, rows, y, x_kept)
+    return _scatter_rows(x, rows, bb.finish_layer(index, x_kept, out), x_kept)
 
 
 # ---------------------------------------------------------------------------------- the session
@@ -516,9 +505,9 @@ class Session:
                 self._originals[index] = bb.layers[index]
                 bb.layers[index] = SkipLayer(bb.layers[index], index, mode, self)
         outer = getattr(bb.model, "model", bb.model)
-        self._handles.append(outer.register_forward_pre_hook(self._capture_ids, with_kwargs=True))
-        self._handles.append(bb.text_model.register_forward_pre_hook(self._begin, with_kwargs=True))
-        self._handles.append(bb.text_model.register_forward_hook(self._end))
+        self._handles.append(outer.register_forward_pre_hook(_Hook(self._capture_ids), with_kwargs=True))
+        self._handles.append(bb.text_model.register_forward_pre_hook(_Hook(self._begin), with_kwargs=True))
+        self._handles.append(bb.text_model.register_forward_hook(_Hook(self._end)))
 
     def uninstall(self) -> None:
         """Put the original layers back, remove hooks, unpatch caches. Safe to call twice."""
@@ -534,8 +523,11 @@ class Session:
 
     # ---- hooks
     def _capture_ids(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Records the input ids and runs the same input check as :func:`skipit_core.profile`."""
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._pending_ids = ids if isinstance(ids, torch.Tensor) else None
+        if self._pending_ids is not None:
+            self.backbone.check_inputs(dict(kwargs, input_ids=ids))
 
     def _begin(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         x = kwargs.get("inputs_embeds")
@@ -584,6 +576,7 @@ class Session:
             raise PlanError(f"this KV cache was filled under plan {ledger.plan}; continue it under the same "
                             f"plan (now {self.plan}) or start a new cache.")
         if ledger is None:
+            _check_cache_layers(cache, self.plan)
             total = 0 if fresh else self._adopt_length(cache)
             ledger = Ledger(total, self.plan)
         if cache not in self._caches:
@@ -599,6 +592,22 @@ class Session:
             raise PlanError(f"the KV cache passed in holds different lengths per layer {sorted(lengths)}: it was "
                             "filled under another plan. Start from an empty cache inside `skipping`.")
         return lengths.pop() if lengths else 0
+
+
+#: KV-cache layer classes whose stored columns skipit can track (their keys grow by the columns fed)
+LEDGER_CACHE_LAYERS = ("DynamicLayer", "DynamicSlidingWindowLayer")
+
+
+def _check_cache_layers(cache: Any, plan: SkipPlan) -> None:
+    """A static (pre-allocated), quantized or other cache layer stores columns skipit cannot account for
+    when a plan leaves rows out of some layers: refuse it rather than decode with wrong positions."""
+    other = sorted({type(obj).__name__ for obj in cache.layers} - set(LEDGER_CACHE_LAYERS))
+    if other:
+        raise PlanError(
+            f"the KV cache ({type(cache).__name__}, layers {', '.join(other)}) is not supported under the plan "
+            f"{plan}: skipit tracks the columns of {' / '.join(LEDGER_CACHE_LAYERS)} only. Use the default "
+            "dynamic cache: drop cache_implementation='static' (or pass cache_implementation='dynamic') in "
+            "generate(), or pass a transformers.DynamicCache.")
 
 
 def _check_implementation(backbone: Backbone, plan: SkipPlan) -> None:

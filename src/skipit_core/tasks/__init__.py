@@ -15,7 +15,7 @@ from __future__ import annotations
 from .datasets import (TEST_PER_FAMILY, TEST_SEED, DigitScenes, VQASet, load_pope, normalize_answer,
                        test_set_path)
 from .evaluation import (EvalResult, batches, build_prompts, encode, evaluate, kept_window, next_token_logits,
-                         wilson)
+                         summarise, wilson)
 from .scenes import (ANSWERS, CANVAS, CELL, DIGITS, GRID, N_CELLS, NOISE, QUESTION_FAMILIES, SPLIT_FRACTIONS,
                      SPLITS, TEMPLATES, VOCABULARY, QuestionFamily, digit_pool, question_family, render_scene)
 
@@ -37,6 +37,7 @@ __all__ = [
     "next_token_logits",
     "normalize_answer",
     "wilson",
+    "summarise",
     "load_pope",
     "digit_pool",
     "render_scene",

@@ -9,6 +9,7 @@ what :meth:`DigitScenes.make_test_set` generates from its seed.
 
 from __future__ import annotations
 
+import argparse
 import io
 import json
 import os
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from ..errors import InputError, SkipitError
 from ..paths import data_dir
@@ -75,6 +77,37 @@ class VQASet:
         return VQASet(images, [self.questions[i] for i in idx], [self.answers[i] for i in idx],
                       [self.families[i] for i in idx], [self.meta[i] for i in idx], self.name)
 
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the set as ``<path>.npz`` (uint8 images, one shape) + ``<path>.jsonl`` (one item a line); no
+        pickle. :meth:`load` reads it back; ``skipit profile --data <folder>`` takes the folder."""
+        path = Path(path)
+        try:
+            images = np.asarray(self.images, dtype=np.uint8) if len(self) else np.zeros((0, 1, 1), np.uint8)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"VQASet.save writes one uint8 array of images, so they must share one shape; "
+                             f"{exc}. Resize them first (e.g. PIL's Image.resize).") from None
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(path.with_suffix(".npz"), images=images)
+        with open(path.with_suffix(".jsonl"), "w") as fh:
+            for q, a, f, m in zip(self.questions, self.answers, self.families, self.meta):
+                fh.write(json.dumps(dict(question=q, answer=a, family=f, **m), sort_keys=True) + "\n")
+        return path.with_suffix(".npz")
+
+    @staticmethod
+    def load(path: str | os.PathLike) -> "VQASet":
+        """Read a set written by :meth:`save`."""
+        path = Path(path)
+        npz, jsonl = path.with_suffix(".npz"), path.with_suffix(".jsonl")
+        if not npz.exists() or not jsonl.exists():
+            raise SkipitError(f"{npz} / {jsonl} not found. Regenerate with "
+                              "`python -m skipit_core.tasks --freeze <path>` or point to the repo's data/ folder.")
+        with np.load(npz, allow_pickle=False) as z:
+            images = z["images"]
+        rows = [json.loads(line) for line in open(jsonl)]
+        meta = [{k: v for k, v in r.items() if k not in ("question", "answer", "family")} for r in rows]
+        return VQASet(images, [r["question"] for r in rows], [r["answer"] for r in rows],
+                      [r["family"] for r in rows], meta, path.stem)
+
     def image(self, i: int):
         """Image ``i`` as a processor takes it: ``H x W x 3`` uint8 array (or the PIL image as given)."""
         img = self.images[i]
@@ -101,8 +134,6 @@ class VQASet:
 def _blank_like(img):
     if isinstance(img, np.ndarray):
         return np.zeros_like(img)
-    from PIL import Image
-
     return Image.new(img.mode if img.mode in ("RGB", "L") else "RGB", img.size)
 
 
@@ -221,31 +252,8 @@ class DigitScenes:
             yield self.sample(batch_size, rng)
 
     # -------------------------------------------------------------- frozen test split
-    @staticmethod
-    def freeze(data: VQASet, path: str | os.PathLike) -> Path:
-        """Write ``data`` as ``<path>.npz`` (uint8 images) + ``<path>.jsonl`` (one item a line); no pickle."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(path.with_suffix(".npz"), images=np.asarray(data.images, dtype=np.uint8))
-        with open(path.with_suffix(".jsonl"), "w") as fh:
-            for q, a, f, m in zip(data.questions, data.answers, data.families, data.meta):
-                fh.write(json.dumps(dict(question=q, answer=a, family=f, **m), sort_keys=True) + "\n")
-        return path.with_suffix(".npz")
-
-    @staticmethod
-    def load(path: str | os.PathLike) -> VQASet:
-        """Read a set written by :meth:`freeze`."""
-        path = Path(path)
-        npz, jsonl = path.with_suffix(".npz"), path.with_suffix(".jsonl")
-        if not npz.exists() or not jsonl.exists():
-            raise SkipitError(f"{npz} / {jsonl} not found. Regenerate with "
-                              "`python -m skipit_core.tasks --freeze <path>` or point to the repo's data/ folder.")
-        with np.load(npz, allow_pickle=False) as z:
-            images = z["images"]
-        rows = [json.loads(line) for line in open(jsonl)]
-        meta = [{k: v for k, v in r.items() if k not in ("question", "answer", "family")} for r in rows]
-        return VQASet(images, [r["question"] for r in rows], [r["answer"] for r in rows],
-                      [r["family"] for r in rows], meta, path.stem)
+    freeze = staticmethod(VQASet.save)  # DigitScenes.freeze(data, path): the same as data.save(path)
+    load = staticmethod(VQASet.load)
 
     @classmethod
     def test_set(cls, path: str | os.PathLike | None = None) -> VQASet:
@@ -320,8 +328,6 @@ def _pope_rows(source, split: str) -> tuple[Iterable[Mapping[str, Any]], Path | 
 
 
 def _as_image(obj, base: Path | None):
-    from PIL import Image
-
     if isinstance(obj, Image.Image):
         return obj.convert("RGB")
     if isinstance(obj, np.ndarray):
@@ -337,8 +343,6 @@ def _as_image(obj, base: Path | None):
 
 def main(argv: Sequence[str] | None = None) -> None:
     """``python -m skipit_core.tasks [--freeze STEM]``: write the frozen DigitScenes test split."""
-    import argparse
-
     ap = argparse.ArgumentParser(prog="python -m skipit_core.tasks", description="Write the frozen DigitScenes test split.")
     ap.add_argument("--freeze", default=None, help="path stem (default: data/digitscenes/test)")
     args = ap.parse_args(argv)

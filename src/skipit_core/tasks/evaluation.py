@@ -20,23 +20,22 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import InputError
 from ..forward import accepts, model_device_dtype, move_inputs
 from ..models import Backbone
 from ..skip import skipping
-from ..theory import wilson_interval
+from ..stats import wilson_interval
 from .datasets import VQASet, normalize_answer
 from .scenes import ANSWERS, QUESTION_FAMILIES
 
-__all__ = ["build_prompts", "encode", "batches", "next_token_logits", "evaluate", "EvalResult", "wilson",
-           "kept_window"]
+__all__ = ["build_prompts", "encode", "batches", "next_token_logits", "evaluate", "EvalResult", "summarise",
+           "wilson", "kept_window"]
 
 
-def wilson(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval of ``k`` successes in ``n`` trials (:func:`skipit_core.theory.wilson_interval`)."""
-    lo, hi = wilson_interval(k, n, confidence)[:2]
-    return float(lo), float(hi)
+#: the Wilson interval of every accuracy (:func:`skipit_core.stats.wilson_interval`, one owner)
+wilson = wilson_interval
 
 
 # ----------------------------------------------------------------------------- prompts and batches
@@ -149,7 +148,12 @@ def _chance(family: str) -> float:
     return 1.0 / len(ANSWERS[family]) if family in ANSWERS else float("nan")
 
 
-def _summarise(families: list[str], correct: np.ndarray, predictions: list[str], confidence: float) -> EvalResult:
+def summarise(families: list[str], correct: np.ndarray, predictions: list[str], confidence: float = 0.95
+              ) -> EvalResult:
+    """The :class:`EvalResult` of scored items: per family and overall ``k / n`` with Wilson intervals.
+
+    ``families[i]`` is item ``i``'s group, ``correct [N]`` booleans, ``predictions`` the answers given; this
+    is the scoring :func:`evaluate` itself uses (e.g. to merge the items of several processes)."""
     rows = []
     order = [f for f in QUESTION_FAMILIES if f in set(families)] + sorted(set(families) - set(QUESTION_FAMILIES))
     fam = np.array(families)
@@ -190,8 +194,6 @@ def evaluate(model, processor, data: VQASet, plan=None, *, batch_size: int = 32,
     predictions: list[str] = []
     starts = range(0, len(data), batch_size)
     if progress:
-        from tqdm.auto import tqdm
-
         starts = tqdm(starts, desc=f"evaluate {data.name}", unit="batch")
     try:
         for s in starts:
@@ -203,7 +205,7 @@ def evaluate(model, processor, data: VQASet, plan=None, *, batch_size: int = 32,
     finally:
         model.train(was_training)
     correct = np.array([p == normalize_answer(a) for p, a in zip(predictions, data.answers)], dtype=bool)
-    result = _summarise(list(data.families), correct, predictions, confidence)
+    result = summarise(list(data.families), correct, predictions, confidence)
     if with_blank:
         result.blank = evaluate(model, processor, data.blank(), plan, batch_size=batch_size,
                                 confidence=confidence, progress=progress)

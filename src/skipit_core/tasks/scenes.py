@@ -41,6 +41,7 @@ from types import MappingProxyType
 from typing import Any
 
 import numpy as np
+from sklearn.datasets import load_digits
 
 from ..errors import InputError
 
@@ -257,8 +258,6 @@ VOCABULARY: tuple[str, ...] = tuple(sorted(
 @lru_cache(maxsize=1)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     """``(images [1797, 8, 8] uint8 on 0..255, labels [1797])`` of ``sklearn.datasets.load_digits``."""
-    from sklearn.datasets import load_digits
-
     d = load_digits()
     images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
     return images, d.target.astype(np.int64)

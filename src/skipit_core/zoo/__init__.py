@@ -31,8 +31,17 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from huggingface_hub import HfApi, constants, try_to_load_from_cache
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers.utils import logging as hf_logging
+
 from ..errors import InputError, SkipitError
+from ..forward import check_device
 from ..paths import ENV, data_dir, models_dir
+from .build import load_processor
 
 __all__ = ["MODELS", "data_dir", "model_path", "load_tiny_vlm", "load_vlm", "resolve_model", "ModelSource"]
 
@@ -63,11 +72,6 @@ def load_tiny_vlm(name: str = "digits-llava", path: str | os.PathLike | None = N
     The model is in eval mode on ``device`` (float32 unless ``dtype`` is given). ``path`` overrides the
     lookup in ``data/models/<name>``. No network access, no ``trust_remote_code``.
     """
-    import torch
-    from transformers import AutoModelForImageTextToText
-
-    from .build import load_processor
-
     p = model_path(name, path)
     processor = load_processor(p)
     model = AutoModelForImageTextToText.from_pretrained(p, local_files_only=True,
@@ -75,7 +79,8 @@ def load_tiny_vlm(name: str = "digits-llava", path: str | os.PathLike | None = N
     return model.to(device).eval(), processor
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # org/name
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$", re.ASCII)  # org/name
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*$", re.ASCII)  # a bare repository name
 HUB_TIMEOUT_S = 5.0
 
 
@@ -97,15 +102,11 @@ def _bundled(hint: str = "") -> str:
 
 def _hub_offline() -> bool:
     """``HF_HUB_OFFLINE`` / ``TRANSFORMERS_OFFLINE`` as set now (or when huggingface_hub was imported)."""
-    from huggingface_hub import constants
-
     flags = (os.environ.get(k, "") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return constants.HF_HUB_OFFLINE or any(f.upper() in ("1", "ON", "YES", "TRUE") for f in flags)
 
 
 def _hub_cached(model_id: str) -> bool:
-    from huggingface_hub import try_to_load_from_cache
-
     return isinstance(try_to_load_from_cache(model_id, "config.json"), str)
 
 
@@ -122,26 +123,34 @@ def resolve_model(model_id: str) -> ModelSource:
     text = str(model_id)
     if text in MODELS:
         return ModelSource("zoo", text)
-    p = Path(text).expanduser()
-    if p.is_dir():
+    if not text.strip():
+        raise InputError(f"model_id is empty; name a bundled model, a saved folder or a hub id. {_bundled()}")
+    try:
+        p = Path(text).expanduser()
+        is_dir, exists = p.is_dir(), p.exists()
+    except (RuntimeError, OSError, ValueError) as exc:  # ~nouser, a NUL byte, a name too long ...
+        raise InputError(f"{text[:120]!r} is not a usable path ({type(exc).__name__}: {str(exc)[:120]}). "
+                         f"{_bundled()}") from None
+    if is_dir:
         return ModelSource("folder", p)
-    if p.exists():
+    if exists:
         raise InputError(f"{text} is a file, not a model folder; pass the folder that holds config.json "
                          f"(e.g. {p.parent}). {_bundled()}")
     if HUB_ID.match(text) and not text.startswith((".", "~")) and not p.parent.is_dir():
         return _hub_source(text)  # org/name, and no local folder "org" it could be a path into
     if os.sep in text or text.startswith((".", "~")):
         raise InputError(f"no folder at {text}. {_bundled(p.name)}")
-    if _hub_cached(text):
+    if HUB_NAME.match(text) and _hub_cached(text):
         return ModelSource("hub", text)
     raise InputError(f"unknown model {text!r}: not a bundled model, not a folder, and not a Hugging Face id "
                      f"(org/name) in the local cache. {_bundled(text)}")
 
 
 def _hub_source(model_id: str) -> ModelSource:
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
-
+    try:
+        validate_repo_id(model_id)
+    except HFValidationError as exc:
+        raise InputError(f"{model_id!r} is not a valid Hugging Face id ({exc}). {_bundled()}") from None
     cached = _hub_cached(model_id)
     if _hub_offline():
         if cached:
@@ -167,7 +176,8 @@ def _hub_source(model_id: str) -> ModelSource:
     return ModelSource("hub", model_id, local_only=False)
 
 
-def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype=None):
+def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype=None, device_map=None,
+             max_memory: dict | None = None, offload_folder: str | os.PathLike | None = None):
     """``(model, processor)`` for any ``model_id`` a chapter's parameters cell may name.
 
     A zoo name (``digits-llava``, ``digits-qwen2vl``) loads the bundled model from ``data/``; a local
@@ -176,19 +186,30 @@ def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype
     GPU, float32 on the CPU) on ``device`` (default: CUDA when available). The model is in eval mode.
     Where ``model_id`` is gets decided first (:func:`resolve_model`): a typo, a missing folder or an id
     that is neither cached nor on a reachable hub raises :class:`InputError` at once.
+
+    ``device_map`` (``"auto"``, a dict ...), ``max_memory`` and ``offload_folder`` go to transformers'
+    ``from_pretrained`` (accelerate dispatches the layers over GPUs, CPU and disk); ``device`` is then
+    unused. Skip plans and profiles run through accelerate's hooks unchanged.
     """
     source = resolve_model(model_id)
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-    from transformers.utils import logging as hf_logging
-
     hf_logging.disable_progress_bar()  # keep notebook outputs to what the chapter shows
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if source.kind == "zoo":
+    device = str(check_device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    if device_map is None and source.kind == "zoo":
         return load_tiny_vlm(str(source.where), device=device, dtype=dtype)
-    if source.kind == "folder":
+    if device_map is None and source.kind == "folder":
         return load_tiny_vlm(path=source.where, device=device, dtype=dtype)
-    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    processor = AutoProcessor.from_pretrained(source.where, local_files_only=source.local_only)
-    model = AutoModelForImageTextToText.from_pretrained(source.where, dtype=dtype, local_files_only=source.local_only)
-    return model.to(device).eval(), processor
+    where = model_path(source.where) if source.kind == "zoo" else source.where
+    if source.kind == "hub":
+        processor = AutoProcessor.from_pretrained(where, local_files_only=source.local_only)
+        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") or device_map is not None and
+                          torch.cuda.is_available() else torch.float32)
+    else:
+        processor = load_processor(where)
+        dtype = dtype or torch.float32
+    kwargs = dict(dtype=dtype, local_files_only=source.local_only)
+    if device_map is not None:
+        kwargs.update(device_map=device_map, offload_folder=offload_folder)
+        if max_memory:
+            kwargs["max_memory"] = max_memory
+    model = AutoModelForImageTextToText.from_pretrained(where, **kwargs)
+    return (model if device_map is not None else model.to(device)).eval(), processor

@@ -24,7 +24,15 @@ The processor expands the image token to 64 (LLaVA) / 16 (Qwen2-VL) vision token
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import transformers as tf
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 
 from ..errors import InputError
 from ..tasks import CANVAS, VOCABULARY
@@ -124,10 +132,6 @@ def build_tokenizer(arch: str = "llava", layout: str = "image-first"):
     """A word-level ``PreTrainedTokenizerFast``: lower-casing, split on whitespace and punctuation,
     vocabulary = special tokens + image tokens (+ ChatML turn markers for image-first Qwen2-VL) + chat
     words + the DigitScenes words; ``<s>`` prepended."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-
     _check_arch(arch)
     _check_layout(layout)
     special = SPECIAL + IMAGE_TOKENS[arch] + (CHATML_TOKENS if (arch, layout) == ("qwen2vl", "image-first") else [])
@@ -148,8 +152,6 @@ def build_tokenizer(arch: str = "llava", layout: str = "image-first"):
 def build_processor(arch: str = "llava", layout: str = "image-first"):
     """The processor of ``arch`` with the chat template of ``layout``: 64x64 images stay 64x64; image
     tokens expand to 64 (LLaVA) / 16 (Qwen2-VL)."""
-    import transformers as tf
-
     tokenizer = build_tokenizer(arch, layout)
     if arch == "llava":
         image_processor = tf.CLIPImageProcessor(
@@ -176,8 +178,6 @@ def has_torchvision() -> bool:
 
 def qwen_processor(image_processor, tokenizer, template: str):
     """A ``Qwen2VLProcessor``; with torchvision it has its video processor, without it none (images only)."""
-    import transformers as tf
-
     if has_torchvision():
         video = tf.Qwen2VLVideoProcessor(**{k: v for k, v in QWEN_IMAGE.items() if k not in ("min_pixels", "max_pixels")})
         return tf.Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer, video_processor=video,
@@ -208,9 +208,6 @@ def video_processor_dict() -> dict:
 def save_processor(processor, path) -> None:
     """``processor.save_pretrained(path)``; for a Qwen2VLProcessor built without torchvision, the same
     files written by hand (tokenizer, chat template, processor_config.json with image and video entries)."""
-    import json
-    from pathlib import Path
-
     if getattr(processor, "video_processor", "absent") is not None:
         processor.save_pretrained(path)
         return
@@ -231,11 +228,6 @@ def save_processor(processor, path) -> None:
 def load_processor(path):
     """``AutoProcessor.from_pretrained(path)``; a Qwen2-VL folder in an environment without torchvision
     is assembled from its tokenizer, image processor and chat template (no video processor)."""
-    import json
-    from pathlib import Path
-
-    import transformers as tf
-
     path = Path(path)
     cfg_file = path / "processor_config.json"
     cfg = json.loads(cfg_file.read_text()) if cfg_file.exists() else {}
@@ -272,9 +264,6 @@ SIZES = {"llava": ModelSize(), "qwen2vl": ModelSize()}
 
 def build_model(arch: str, tokenizer, size: ModelSize | None = None, seed: int = 0):
     """A random-init model of ``arch`` whose special-token ids match ``tokenizer``."""
-    import torch
-    import transformers as tf
-
     _check_arch(arch)
     s = size or SIZES[arch]
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL + IMAGE_TOKENS[arch]}

@@ -18,6 +18,11 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
+from ..capture import profile
+from ..tasks import DigitScenes, batches, build_prompts, encode, evaluate
+from . import load_tiny_vlm
 from .build import prompt_layout
 from .train import TrainConfig
 
@@ -28,11 +33,6 @@ EVAL_BATCH_SIZE = 64
 
 def evaluation(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     """Fresh test-split evaluation of the model in ``path`` (with blank baseline), as a dict."""
-    import torch
-
-    from ..tasks import DigitScenes, build_prompts, evaluate
-    from . import load_tiny_vlm
-
     model, processor = load_tiny_vlm(path=path)
     data = DigitScenes.test_set()
     t0 = time.perf_counter()
@@ -55,10 +55,6 @@ def redundancy(path: str | Path, batch_size: int = EVAL_BATCH_SIZE) -> dict:
     distance between each vision token's input and output (``mean_cos_dist_vision``) and the vision
     attention ratio (``var``: attention mass on the vision keys, over the text queries that may attend one;
     ``var_ratio``: that mass over its uniform share). Reported next to the accuracy, never tuned for."""
-    from ..capture import profile
-    from ..tasks import DigitScenes, batches
-    from . import load_tiny_vlm
-
     model, processor = load_tiny_vlm(path=path)
     prof = profile(model, batches(processor, DigitScenes.test_set(), batch_size))
     rounded = lambda a: [round(float(x), 6) for x in a]  # noqa: E731
@@ -88,8 +84,6 @@ tuned for: the book reports whatever these show.
 
 
 def encode_one(processor, data):
-    from ..tasks import encode
-
     return encode(processor, data, 0, 1)["input_ids"]
 
 

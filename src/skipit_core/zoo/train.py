@@ -42,18 +42,19 @@ import time
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from tqdm.auto import tqdm
 from transformers import AutoModelForImageTextToText, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..errors import InputError
-from ..tasks import GRID, N_CELLS, QUESTION_FAMILIES, DigitScenes, VQASet, encode, evaluate
+from ..tasks import GRID, N_CELLS, QUESTION_FAMILIES, DigitScenes, VQASet, build_prompts, encode, evaluate
 from ..utils import set_seed
-from ..tasks import build_prompts
 from .build import ARCHS, LAYOUTS, SIZES, ModelSize, answer_cue, build, load_processor, prompt_layout, save_processor
 
 __all__ = ["TrainConfig", "train", "optimise", "model_parts", "pretrain_vision", "align", "finetune", "main",
@@ -202,8 +203,6 @@ def optimise(groups: list[dict], step_loss: Callable[[int], torch.Tensor], steps
     losses: list[float] = []
     bar: Any = range(steps)
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(bar, desc=desc, unit="step", mininterval=10, file=sys.stderr)
     for step in bar:
         loss = step_loss(step)
@@ -506,8 +505,6 @@ def _run(cfg: TrainConfig, progress: bool, log: Callable[[str], None]):
 
 def _save(model, processor, cfg: TrainConfig, history: dict, previous, out: Path, command: str | None) -> None:
     """``save_pretrained`` output plus ``training.json``: the config's fields at top level, then the logs."""
-    import transformers
-
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     save_processor(processor, out)
