@@ -92,12 +92,26 @@ GLUE_DIRECTIVE = re.compile(r"^```\{glue(?::(figure|any|math|md))?\}\s+(\S+)", r
 NUMBER = re.compile(r"(?<![\w.-])\d+(?:[.,]\d+)*(?:\s?%|x\b)?(?![\w-])")
 
 
+def _drop_fences(md: str) -> str:
+    """Directive fences removed with their bodies kept, code blocks removed whole (nesting followed)."""
+    kept, stack = [], []
+    for line in md.split("\n"):
+        fence = re.match(r"^(`{3,})(\{[\w:-]+\})?([\w-]*)", line)
+        if fence and stack and stack[-1][0] == fence.group(1) and not (fence.group(2) or fence.group(3)):
+            stack.pop()  # a closing fence
+            continue
+        if fence:
+            stack.append((fence.group(1), "directive" if fence.group(2) else "code"))
+            continue
+        if not any(kind == "code" for _, kind in stack):
+            kept.append(line)
+    return "\n".join(kept)
+
+
 def _prose(md: str) -> str:
     """Markdown with everything that is not prose removed: code, math, roles, directive options,
     link targets and headings (directive bodies, e.g. theorem statements, stay: they are prose)."""
-    md = re.sub(r"^```\{[\w:-]+\}[^\n]*$", "", md, flags=re.M)      # directive fences: keep bodies
-    md = re.sub(r"^```[\w-]*\n.*?^```\s*$", "", md, flags=re.S | re.M)  # code blocks
-    md = re.sub(r"^```\s*$", "", md, flags=re.M)
+    md = _drop_fences(md)
     md = re.sub(r"^:[\w-]+:.*$", "", md, flags=re.M)                 # directive options
     md = re.sub(r"\$\$.*?\$\$", " ", md, flags=re.S)
     md = re.sub(r"\$[^$]+\$", " ", md)
@@ -142,6 +156,9 @@ def test_prose_checker_finds_hand_typed_numbers():
         ["0.925", "240", "12%", "1.3x"]
     clean = "LLaVA-1.5-7B, T5, $0.9$, `n=240`, {glue:text}`acc:.3f`, [x](a/1.2.html)\n## Part 2\n:label: t-1"
     assert not NUMBER.search(_prose(clean))
+    # prose between two directives is prose (it used to be dropped with them), code blocks are not
+    between = "```{note}\nfirst\n```\n\nhand-typed 0.93 here\n\n```{tip}\nsecond\n```\n```python\nx = 7\n```"
+    assert [m.group(0) for m in NUMBER.finditer(_prose(between))] == ["0.93"]
 
 
 @pytest.mark.parametrize("nb_path", CHAPTERS, ids=[p.stem for p in CHAPTERS])
