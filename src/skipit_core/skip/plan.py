@@ -78,17 +78,16 @@ def _layer_set(layers: Any, what: str) -> frozenset[int]:
     except ValueError:
         pass
     if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
-        raise PlanError(f"{what} takes a layer index or an iterable of them, got {layers!r}.")
-    items, bad = list(layers), []
-    out = set()
-    for x in items:
+        layers = [layers]  # a single bad index: reported below
+    out, bad = set(), []
+    for x in layers:
         try:
             out.add(_as_layer(x))
         except ValueError:
             bad.append(x)
     if bad:
-        raise PlanError(f"{what}: layer indices must be non-negative ints (0-based; integer-likes such as np.int64 "
-                        "work, bools do not); got "
+        raise PlanError(f"{what} takes a layer index or an iterable of them; layer indices must be non-negative "
+                        f"ints (0-based; integer-likes such as np.int64 work, bools do not); got "
                         f"{', '.join(map(repr, bad))}.")
     return frozenset(out)
 

@@ -116,7 +116,9 @@ def _recipe(chain: list[dict], targets: str) -> str:
             lines.append(f"- {run}stage 2, alignment: {cfg.align_steps} steps of batch {cfg.batch_size} at peak lr "
                          f"{cfg.align_lr}; only the projector trains, the vision encoder and the language model are "
                          "frozen." + "".join(f" Validation accuracy afterwards {_pct(v['accuracy'])} after "
-                                             f"{v['train_time_s'] / 60:.1f} min of training." for v in after))
+                                             f"{v['train_time_s'] / 60:.1f} min of training." for v in after)
+                         + " Stage 2 is LLaVA's recipe, not a measured gain here: a run without it at the same "
+                         "budget (validation accuracy per CPU minute) has not been made yet.")
         turns = f" ({cfg.turns}-turn conversations)" if cfg.turns > 1 else ""
         lines.append(f"- {run}stage 3, full fine-tuning: {cfg.steps} steps of batch {cfg.batch_size}{turns} at peak "
                      f"lr {cfg.lr}, {vision} at {cfg.vision_lr_scale} x that; loss = cross-entropy of the answer "
