@@ -43,7 +43,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers as tf
@@ -58,8 +58,8 @@ N_VISION, TEXT_BEFORE, TEXT_AFTER = 576, 6, 42
 
 def llava_config(n_layers: int, hidden: int = 1024, intermediate: int = 2752, heads: int = 16,
                  vision: tf.CLIPVisionConfig | None = None) -> tf.LlavaConfig:
-    """LLaVA-1.5's layout (Llama backbone, vocabulary 32064, 576 image tokens) at the given sizes; the
-    default vision tower is the 1-layer, 32-wide one of the module docstring."""
+    """LLaVA-1.5's layout (Llama backbone, vocabulary 32064, one image token per patch: 576 at 336 px) at
+    the given sizes; the default vision tower is the 1-layer, 32-wide one of the module docstring."""
     vision = vision or tf.CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                            num_attention_heads=2, image_size=336, patch_size=14)
     return tf.LlavaConfig(
@@ -68,7 +68,7 @@ def llava_config(n_layers: int, hidden: int = 1024, intermediate: int = 2752, he
                                    num_attention_heads=heads, num_key_value_heads=heads, vocab_size=32064,
                                    max_position_embeddings=2048),
         image_token_index=IMAGE_ID, vision_feature_select_strategy="default", vision_feature_layer=-1,
-        image_seq_length=N_VISION,
+        image_seq_length=(vision.image_size // vision.patch_size) ** 2,
     )
 
 
@@ -88,17 +88,19 @@ def build(n_layers: int, config: tf.LlavaConfig | None = None, device: str | tor
     return model
 
 
-def prompt(batch: int = 1) -> dict:
-    """``batch`` prompts of the same length (no padding), each one image and 48 text tokens."""
+def prompt(batch: int = 1, image_size: int = 336, patch_size: int = 14) -> dict:
+    """``batch`` prompts of the same length (no padding), each one image (``(image_size / patch_size)^2``
+    image tokens, 576 by default) and 48 text tokens."""
+    n_vision = (image_size // patch_size) ** 2
     gen = torch.Generator().manual_seed(0)
     ids = []
     for _ in range(batch):
         text = torch.randint(2, 32000, (TEXT_BEFORE - 1 + TEXT_AFTER,), generator=gen)
-        ids.append(torch.cat([torch.tensor([1]), text[:TEXT_BEFORE - 1], torch.full((N_VISION,), IMAGE_ID),
+        ids.append(torch.cat([torch.tensor([1]), text[:TEXT_BEFORE - 1], torch.full((n_vision,), IMAGE_ID),
                               text[TEXT_BEFORE - 1:]]))
     ids = torch.stack(ids)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": torch.randn(batch, 3, 336, 336, generator=gen)}
+            "pixel_values": torch.randn(batch, 3, image_size, image_size, generator=gen)}
 
 
 @contextmanager
@@ -270,7 +272,7 @@ class Row:
     plan: SkipPlan  # what the ideal FLOP count is taken of
     run: Callable[[], None]
     clock: "DecoderClock | None"  # times the decoder inside a whole prefill; None: ``run`` is the decoder only
-    device: torch.device = torch.device("cpu")  # where a row without a clock runs (the clock knows its own)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where a clock-less row runs
 
 
 def configurations(model, inputs, n_layers: int, by_hand: bool | None = None) -> list[Row]:
