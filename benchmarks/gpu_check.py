@@ -86,8 +86,9 @@ def config_of(size: str) -> tf.LlavaConfig:
 
 def bytes_needed(size: str, dtype: torch.dtype, nnsight: bool) -> int:
     """Device memory the run needs at ``size``: weights (twice with nnsight's copy), the KV cache of the
-    largest batch (twice: baseline and plan), 4 GiB of activations and allocator slack; or the float32
-    weights of the correctness check, whichever is more. Parameters counted on the meta device."""
+    largest batch (twice: baseline and plan), 4 GiB of activations and allocator slack; or, for the
+    correctness check, the float32 weights next to the 16-bit ones they are cast from, whichever is more.
+    Parameters counted on the meta device."""
     with torch.device("meta"):
         model = tf.LlavaForConditionalGeneration(config_of(size))
     n_params = sum(p.numel() for p in model.parameters())
@@ -95,7 +96,7 @@ def bytes_needed(size: str, dtype: torch.dtype, nnsight: bool) -> int:
     width = torch.finfo(dtype).bits // 8
     kv = 2 * s["n_layers"] * max(BATCHES) * (ss.N_VISION + N_TEXT + 64) * s["hidden"] * width
     timing = n_params * width * (2 if nnsight else 1) + 2 * kv + 4 * GIB
-    return max(timing, n_params * 4 + 2 * GIB)
+    return max(timing, n_params * (width + 4) + 2 * GIB)
 
 
 def choose_size(device: torch.device, dtype: torch.dtype, small: bool, nnsight: bool) -> tuple[str, str]:
@@ -304,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--decode-steps", type=int, default=None, help="tokens per decode sample (default 8; --small 3)")
     parser.add_argument("--check-tokens", type=int, default=4, help="greedy tokens of the cache check")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the timed phases (default 200; --small 25): rounds stop early past it, "
+                        help="seconds for the timed phases (default 170; --small 25): rounds stop early past it, "
                              "after at least 3")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
@@ -316,7 +317,7 @@ def main(argv: list[str] | None = None) -> dict:
     decode_rounds = args.decode_rounds or (3 if args.small else 7)
     steps = args.decode_steps or (3 if args.small else 8)
     warmup = 1 if args.small else 2
-    budget = args.budget or (25.0 if args.small else 200.0)
+    budget = args.budget or (25.0 if args.small else 170.0)
     has_nnsight = importlib.util.find_spec("nnsight") is not None
     skipped = [] if has_nnsight else [{"row": "nnsight whole_layers", "reason": "nnsight is not importable "
                                        "(pip install nnsight); row left out"}]
@@ -343,7 +344,15 @@ def main(argv: list[str] | None = None) -> dict:
     phases_left = 2 * len(BATCHES)
     for batch in BATCHES:
         inputs = move_inputs(prompt(batch), device, dtype)
-        rows = ss.configurations(model, inputs, n_layers, by_hand=True)
+        try:
+            rows = ss.configurations(model, inputs, n_layers, by_hand=True)
+        except RuntimeError as error:  # the by-hand loop's start-up check against skipit failed
+            if "hand-sliced" not in str(error):
+                raise
+            skipped.append({"row": f"by hand rows, batch {batch}", "reason": str(error)})
+            print(f"# skipped: by hand rows, batch {batch}: {error}")
+            rows = ss.configurations(model, inputs, n_layers, by_hand=False)  # (the failed call's clock
+            # hooks stay registered: one more timestamp per forward, read by nobody)
         kinds = {row.name: row.kind for row in rows}
         ideals = {row.name: bench.ideal_speedup(model, n_vision, N_TEXT, row.plan, text_before=ss.TEXT_BEFORE)
                   for row in rows}

@@ -88,3 +88,77 @@ def test_metadata_and_printed_table(run):
     assert printed == result["table"].splitlines()[:1] + result["table"].splitlines()[2:]
     assert len(printed) == 1 + len(result["rows"])
     assert result["elapsed_s"]["total"] < 120
+
+
+def _gpu_check_module():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("gpu_check", module)  # dataclasses look their module up while it loads
+    spec.loader.exec_module(sys.modules["gpu_check"])
+    return sys.modules["gpu_check"]
+
+
+def test_size_is_chosen_from_free_device_memory(monkeypatch):
+    """No GPU here: mem_get_info is faked. An H200 (139 GiB free) gets the 7B proportions, a 24 GiB card the
+    8-layer model of the same width, a card too small for any size a clear exit."""
+    import torch
+
+    gc = _gpu_check_module()
+    cuda = torch.device("cuda")
+    need_7b = gc.bytes_needed("llava-1.5-7b", torch.bfloat16, nnsight=True)
+    assert 30 * gc.GIB < need_7b < 45 * gc.GIB  # 7.06 B parameters: bf16 x 2 (nnsight copy) or bf16 + fp32
+    for free, size in ((139, "llava-1.5-7b"), (24, "7b-width-8-layers"), (12, "2048x16")):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None, f=free: (f * gc.GIB, 141 * gc.GIB))
+        assert gc.choose_size(cuda, torch.bfloat16, small=False, nnsight=True)[0] == size
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (2 * gc.GIB, 8 * gc.GIB))
+    with pytest.raises(SystemExit, match="not enough device memory"):
+        gc.choose_size(cuda, torch.bfloat16, small=False, nnsight=False)
+    assert gc.choose_size(cuda, torch.bfloat16, small=True, nnsight=True)[0] == "small"
+
+
+def test_cuda_timing_synchronises_only_around_the_call(monkeypatch):
+    """Fake CUDA events log the order of calls: a timed row (and the decoder clock's hooks inside it)
+    records events without synchronising; the only synchronises are just before and just after the call."""
+    import torch
+
+    gc = _gpu_check_module()
+    ss = gc.ss
+    log: list[str] = []
+
+    class Event:
+        def __init__(self, enable_timing: bool = False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = len(log)
+            log.append("record")
+
+        def elapsed_time(self, end):
+            assert log[-1] == "sync", "events read before the closing synchronise"
+            return float(end.t - self.t)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: log.append("sync"))
+    cuda = torch.device("cuda")
+
+    class Clock(ss.DecoderClock):  # the hooks' part without a model
+        def __init__(self):
+            self.device, self._start, self._end_mark = cuda, None, None
+
+    clock = Clock()
+
+    def run():
+        log.append("embed")
+        clock._begin(None, ())
+        log.append("decoder")
+        clock._end(None, (), None)
+        log.append("head")
+
+    row = ss.Row("x", "skipit", gc.SkipPlan.none(), run, clock)
+    wall, decoder = ss.timed(row)
+    assert log == ["sync", "record", "embed", "record", "decoder", "record", "head", "record", "sync"]
+    assert (wall, decoder) == (6.0, 2.0)  # event indices in the log: 1 -> 7 and 3 -> 5
+    log.clear()
+    bare = ss.Row("y", "reference", gc.SkipPlan.none(), lambda: log.append("run"), None, cuda)
+    assert ss.timed(bare)[1] == 2.0 and log == ["sync", "record", "run", "record", "sync"]
