@@ -87,6 +87,7 @@ def test_metadata_and_printed_table(run):
     printed = [line for line in stdout.splitlines() if line.startswith("| ")]
     assert printed == result["table"].splitlines()[:1] + result["table"].splitlines()[2:]
     assert len(printed) == 1 + len(result["rows"])
+    assert all(line.replace("\\|", "").count("|") == 13 for line in printed)  # 12 columns, composed plans too
     assert result["elapsed_s"]["total"] < 120
 
 
