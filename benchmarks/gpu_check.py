@@ -303,12 +303,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="gpu_check.json")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--rounds", type=int, default=None, help="prefill rounds (default 15; --small 3)")
-    parser.add_argument("--decode-rounds", type=int, default=None, help="decode rounds (default 7; --small 3)")
+    parser.add_argument("--decode-rounds", type=int, default=None, help="decode rounds (default 7; --small 2)")
     parser.add_argument("--decode-steps", type=int, default=None, help="tokens per decode sample (default 8; --small 3)")
     parser.add_argument("--check-tokens", type=int, default=4, help="greedy tokens of the cache check")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds for the timed phases (default 170; --small 25): rounds stop early past it, "
-                             "after at least 3")
+                        help="seconds for the timed phases (default 170; --small 25): no new round starts past it "
+                             "once 3 are done")
     args = parser.parse_args(argv)
     t_start = time.perf_counter()
     device = torch.device(args.device)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit("--device cuda, but torch sees no CUDA device; use --device cpu --small for a CPU run")
     dtype = getattr(torch, args.dtype)
     rounds = args.rounds or (3 if args.small else 15)
-    decode_rounds = args.decode_rounds or (3 if args.small else 7)
+    decode_rounds = args.decode_rounds or (2 if args.small else 7)
     steps = args.decode_steps or (3 if args.small else 8)
     warmup = 1 if args.small else 2
     budget = args.budget or (25.0 if args.small else 170.0)
@@ -377,7 +377,7 @@ def main(argv: list[str] | None = None) -> dict:
                 row.clock.remove()
         plans.update({str(row.plan): row.plan for row in rows if row.kind in ("none", "skipit")})
         drows = [DecodeRow(row.name, row.plan) for row in rows if row.kind in ("none", "skipit")]
-        del rows
+        del rows, row  # the last row may be nnsight's, holding the deep copy
         free_memory(device)
 
         timed = decode_timer(model, inputs, steps)
