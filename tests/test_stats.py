@@ -148,6 +148,36 @@ def test_stats_imports_only_numpy_scipy_and_errors():
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add(("." * node.level) + (node.module or ""))
-    assert imported <= {"__future__", "math", "numpy", "scipy", ".errors"}, imported
+    assert imported <= {"__future__", "math", "dataclasses", "numpy", "scipy", ".errors"}, imported
     code = "import sys, skipit_core.stats; assert 'torch' not in sys.modules"
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+
+
+# ----------------------------------------------------------------------------------------------
+# paired test
+# ----------------------------------------------------------------------------------------------
+
+def test_mcnemar_exact_is_the_binomial_test_of_the_discordant_pairs():
+    from skipit_core.stats import mcnemar_exact
+
+    # 10 discordant pairs all one way: p = 2 * 2^-10 by hand; the 30 concordant pairs change nothing
+    a = np.array([1] * 10 + [1] * 20 + [0] * 10, bool)
+    b = np.array([0] * 10 + [1] * 20 + [0] * 10, bool)
+    r = mcnemar_exact(a, b)
+    assert (r.n, r.only_a, r.only_b) == (40, 10, 0)
+    assert r.p_value == pytest.approx(2 * 0.5 ** 10, rel=1e-12)
+    assert r.difference == pytest.approx(10 / 40) and r.ci[0] <= r.difference <= r.ci[1] <= 10 / 40 + 1e-12
+    swapped = mcnemar_exact(b, a)  # symmetric: the same p, the opposite effect
+    assert swapped.p_value == r.p_value and swapped.difference == -r.difference
+    # 7 against 3: the two-sided exact p-value summed by hand
+    a = np.r_[np.ones(7), np.zeros(3), np.ones(5)].astype(int)
+    b = np.r_[np.zeros(7), np.ones(3), np.ones(5)].astype(int)
+    tail = sum(math.comb(10, k) for k in range(0, 4)) / 2 ** 10
+    assert mcnemar_exact(a, b).p_value == pytest.approx(2 * tail, rel=1e-12)
+    same = mcnemar_exact(a, a)
+    assert same.p_value == 1.0 and same.difference == 0.0
+    for bad in ([], [[1, 0]], [0.5, 1.0], ["y", "n"]):
+        with pytest.raises(InputError):
+            mcnemar_exact(bad, bad)
+    with pytest.raises(InputError, match="same length"):
+        mcnemar_exact([1, 0, 1], [1, 0])

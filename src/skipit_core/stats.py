@@ -1,13 +1,15 @@
 """Finite-sample bounds and intervals for probabilities and means: the bottom of the package.
 
-Imports only NumPy, SciPy and :mod:`skipit_core.errors`, so any module may use it without an
-import cycle. :mod:`skipit_core.theory` re-exports every name.
+Imports only NumPy, SciPy and :mod:`skipit_core.errors` (and the standard library), so any module may use it without an
+import cycle. :mod:`skipit_core.theory` re-exports the four bounds and intervals.
 
 - :func:`hoeffding_upper`: one-sided Hoeffding bound from ``k`` successes in ``n`` trials.
 - :func:`hoeffding_mean_upper`: the same inequality for the mean of ``n`` values in [0, 1]
   (e.g. per-sample fractions of tokens), given their sum.
 - :func:`clopper_pearson`: exact binomial interval, two-sided or one-sided.
 - :func:`wilson_interval`: Wilson score interval.
+- :func:`mcnemar_exact`: the exact McNemar test of two paired success vectors (the same questions
+  answered under two conditions), ``scipy.stats.binomtest`` on the discordant pairs.
 
 All are vectorised over NumPy-broadcastable ``k`` and ``n`` and return floats for scalar inputs.
 Clopper-Pearson and Wilson are the intervals of ``scipy.stats.binomtest(k, n).proportion_ci``
@@ -22,13 +24,15 @@ checks both against ``binomtest`` for every ``k`` at several ``n``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy import stats
 
 from .errors import InputError
 
-__all__ = ["hoeffding_upper", "hoeffding_mean_upper", "clopper_pearson", "wilson_interval"]
+__all__ = ["hoeffding_upper", "hoeffding_mean_upper", "clopper_pearson", "wilson_interval", "mcnemar_exact",
+           "McNemar"]
 
 SIDES = ("two-sided", "upper", "lower")
 
@@ -144,3 +148,45 @@ def wilson_interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
     centre = (p + z * z / (2.0 * na)) / denom
     half = z * np.sqrt(p * (1.0 - p) / na + z * z / (4.0 * na * na)) / denom
     return _out(np.clip(centre - half, 0.0, 1.0)), _out(np.clip(centre + half, 0.0, 1.0))
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """Result of :func:`mcnemar_exact`: ``n`` pairs, ``only_a`` / ``only_b`` items right under one condition
+    only, the paired accuracy ``difference`` (a minus b) with its ``ci``, and the two-sided exact ``p_value``."""
+
+    n: int
+    only_a: int
+    only_b: int
+    difference: float
+    ci: tuple[float, float]
+    p_value: float
+
+
+def mcnemar_exact(correct_a, correct_b, confidence: float = 0.95) -> McNemar:
+    """Exact McNemar test (McNemar 1947) of two paired 0/1 vectors, e.g. per-question correctness without
+    and with a skip plan on the same questions.
+
+    Only the discordant pairs carry information: with ``b`` = right under a only and ``c`` = right under b
+    only, ``H0: P(a right, b wrong) = P(a wrong, b right)`` makes ``b ~ Binomial(b + c, 1/2)``; the p-value
+    is ``scipy.stats.binomtest(b, b + c, 0.5)`` (two-sided; 1 when there is no discordant pair). The effect
+    size is the paired accuracy difference ``(b - c) / n``; its interval maps the Clopper-Pearson interval
+    ``[lo, hi]`` of ``b / (b + c)`` to ``(b + c) / n * (2 [lo, hi] - 1)`` (conditional on ``b + c``).
+    """
+    a = np.asarray(correct_a)
+    bb = np.asarray(correct_b)
+    if a.ndim != 1 or a.shape != bb.shape or a.size == 0:
+        raise InputError(f"mcnemar_exact needs two non-empty 1-D vectors of the same length (one entry per "
+                         f"question); got shapes {a.shape} and {bb.shape}.")
+    for name, v in (("correct_a", a), ("correct_b", bb)):
+        if v.dtype.kind not in "biu" or not np.isin(v, (0, 1)).all():
+            raise InputError(f"{name} must hold 0/1 or booleans (right / wrong per question); got dtype {v.dtype}.")
+    a, bb = a.astype(bool), bb.astype(bool)
+    only_a, only_b, n = int((a & ~bb).sum()), int((~a & bb).sum()), int(a.size)
+    discordant = only_a + only_b
+    if discordant == 0:
+        return McNemar(n, 0, 0, 0.0, (0.0, 0.0), 1.0)
+    p = float(stats.binomtest(only_a, discordant, 0.5).pvalue)
+    lo, hi = clopper_pearson(only_a, discordant, confidence)
+    scale = discordant / n
+    return McNemar(n, only_a, only_b, (only_a - only_b) / n, (scale * (2 * lo - 1), scale * (2 * hi - 1)), p)
