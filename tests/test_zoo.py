@@ -23,6 +23,7 @@ from skipit_core.zoo.build import ModelSize, build, has_torchvision, load_proces
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 SHIPPED = [m for m in MODELS if (DATA / "models" / m / "config.json").exists()]
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 TOKENS = {"digits-llava": 64, "digits-qwen2vl": 16}
 CLASSES = {"digits-llava": ("LlavaForConditionalGeneration", "LlavaProcessor"),
            "digits-qwen2vl": ("Qwen2VLForConditionalGeneration", "Qwen2VLProcessor")}
@@ -335,11 +336,13 @@ def test_train_config_defaults_are_the_command_line_defaults():
         TrainConfig(arch="gpt")
 
 
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", ["llava", "qwen2vl"])
 def test_old_training_json_is_read_as_a_config(name):
+    """The training.json of the first shipped models (question-first, written before TrainConfig), kept as
+    fixtures when the models were retrained."""
     from skipit_core.zoo.train import TrainConfig
 
-    record = json.loads((DATA / "models" / name / "training.json").read_text())
+    record = json.loads((FIXTURES / f"training_format1_{name}.json").read_text())
     while record.get("previous"):
         record = record["previous"]  # the first run of the chain: the one with vision pretraining
     cfg = TrainConfig.from_dict(record)
