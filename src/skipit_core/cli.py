@@ -68,7 +68,6 @@ _RANGE = re.compile(r"^\s*([0-9]+)\s*(?:-\s*([0-9]+)\s*)?$", re.ASCII)
 MAX_LAYER = 100_000  # no model is deeper; bounds the lists a range like 0-999999999 would build
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 _MEMORY = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(B|KB|MB|GB|TB|KiB|MiB|GiB|TiB)\s*$", re.ASCII)
-_DEVICE = re.compile(r"^(cpu|mps|cuda(?::[0-9]+)?)$", re.ASCII)
 
 
 # ---------------------------------------------------------------------------------------- plans
@@ -288,8 +287,6 @@ def _device_map(text: str | None):
 def _check_common(args, ranks: Ranks) -> None:
     """Checks that need no file: device options, flags that go together, the launch."""
     if args.device is not None:
-        if not _DEVICE.match(args.device):
-            raise InputError(f"--device {args.device!r}: use cpu, cuda, cuda:N or mps.")
         check_device(args.device, "--device")
     args.device_map = _device_map(args.device_map)
     args.max_memory = _memory(args.max_memory)

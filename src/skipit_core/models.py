@@ -350,7 +350,7 @@ class Backbone:
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
         out, _ = attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
                            sliding_window=getattr(attn, "sliding_window", None))
-        return attn.o_proj(out.reshape(*q.shape[:1], q.shape[2], -1))
+        return attn.o_proj(out.reshape(q.shape[0], q.shape[2], -1))
 
     def finish_layer(self, layer_idx: int, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """The rest of decoder layer ``layer_idx`` after attention: residual, norms and MLP, on the rows

@@ -201,8 +201,8 @@ def load_vlm(model_id: str = "digits-llava", *, device: str | None = None, dtype
     where = model_path(source.where) if source.kind == "zoo" else source.where
     if source.kind == "hub":
         processor = AutoProcessor.from_pretrained(where, local_files_only=source.local_only)
-        dtype = dtype or (torch.bfloat16 if device.startswith("cuda") or device_map is not None and
-                          torch.cuda.is_available() else torch.float32)
+        on_gpu = torch.cuda.is_available() if device_map is not None else device.startswith("cuda")
+        dtype = dtype or (torch.bfloat16 if on_gpu else torch.float32)
     else:
         processor = load_processor(where)
         dtype = dtype or torch.float32
