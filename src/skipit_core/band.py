@@ -47,16 +47,18 @@ import torch
 from torch import nn
 
 from .bench import ideal_speedup
-from .capture import LayerProfile
+from .capture import LayerProfile, profile as profile_pass
 from .errors import InputError
 from .forward import iter_batches, run_forward
 from .models import Backbone
 from .skip import SkipPlan
 from .stats import clopper_pearson
+from .tasks.datasets import VQASet
+from .tasks.evaluation import batches as task_batches
 from .theory import LipschitzEstimate, lipschitz_estimate
 
 __all__ = ["BandRule", "DEFAULT_RULE", "BandPrediction", "predict_band", "band_lipschitz",
-           "empirical_bernstein_upper"]
+           "empirical_bernstein_upper", "BandStudy", "profile_and_predict"]
 
 
 @dataclass(frozen=True)
@@ -338,3 +340,65 @@ def _pool(parts: list[LipschitzEstimate]) -> LipschitzEstimate:
     return replace(parts[0], max=float(per_sample.max()), quantile=float(np.quantile(per_sample, level)),
                    along_given=max(given) if given else None, per_sample=per_sample,
                    ratios=np.concatenate([p.ratios for p in parts]))
+
+
+# ------------------------------------------------------------------------- profile, estimate, predict
+@dataclass(frozen=True)
+class BandStudy:
+    """Result of :func:`profile_and_predict`: the ``profile`` of the profiling set, the Lipschitz estimates
+    ``alpha`` (one per layer), the ``prediction`` made from them, and ``prefixes``: ``{n: profile of the
+    first n images}`` for the sizes asked for (the whole set included), each a merge of the same passes."""
+
+    profile: LayerProfile
+    alpha: list[LipschitzEstimate]
+    prediction: BandPrediction
+    prefixes: dict[int, LayerProfile]
+
+    def predict(self, n: int | None = None, **rule) -> BandPrediction:
+        """:func:`predict_band` again with other thresholds (``tolerance=``, ``tail=``, ``var_max=``,
+        ``confidence=``) and/or on the profile of the first ``n`` images (one of ``prefixes``); the same
+        Lipschitz estimates. No forward pass."""
+        if n is not None and n not in self.prefixes:
+            raise InputError(f"no profile of the first {n} images; profiled prefixes: {sorted(self.prefixes)}. "
+                             f"Pass prefixes=({n},) to profile_and_predict.")
+        return predict_band(self.profile if n is None else self.prefixes[n], self.alpha, **rule)
+
+
+def profile_and_predict(model: nn.Module, processor, data: VQASet, *, n_lipschitz: int = 128, batch_size: int = 32,
+                        n_random: int = 2, seed: int = 0, prefixes: Sequence[int] = (), **rule) -> BandStudy:
+    """The prediction of the band from a profiling set, in the three steps every chapter takes.
+
+    1. ``profile(model, batches(processor, data, batch_size))``: geometry, tails and VAR of every layer
+       over the images of ``data`` (a :class:`VQASet`; its answers are never read);
+    2. :func:`band_lipschitz` on the first ``n_lipschitz`` items (``n_random`` random directions, ``seed``);
+    3. :func:`predict_band` with ``model`` and the thresholds in ``rule`` (``tolerance``, ``tail``, ``var_max``,
+       ``confidence``; the library's defaults otherwise).
+
+    ``prefixes``: sizes ``n`` (``0 < n <= len(data)``) whose profile of the first ``n`` images is wanted too,
+    e.g. to see how the certificate tightens with the number of images. The data are then profiled in
+    consecutive chunks cut at those sizes and the chunk profiles merged (:meth:`LayerProfile.merge`), so
+    the prefix profiles cost no extra forward pass. With sizes that are multiples of ``batch_size`` every
+    batch is the one a single pass would form, and each prefix profile equals a single pass over its images
+    up to float64 rounding (integer counters exactly); other cuts pad a few batches differently, which moves
+    the float32 forward passes by rounding noise.
+    """
+    if not isinstance(data, VQASet) or len(data) == 0:
+        raise InputError(f"data must be a non-empty VQASet of profiling images (e.g. DigitScenes('validation')"
+                         f".generate(...)); got {type(data).__name__}.")
+    if not isinstance(n_lipschitz, (int, np.integer)) or not 1 <= n_lipschitz <= len(data):
+        raise InputError(f"n_lipschitz must be an integer in 1..{len(data)} (the size of data); got {n_lipschitz!r}.")
+    cuts = sorted({int(n) for n in prefixes} | {len(data)})
+    if cuts[0] < 1 or cuts[-1] > len(data) or any(not float(n).is_integer() for n in prefixes):
+        raise InputError(f"prefixes must be sizes in 1..{len(data)} (the size of data); got {tuple(prefixes)!r}.")
+    merged: dict[int, LayerProfile] = {}
+    start, running = 0, None
+    for stop in cuts:
+        part = profile_pass(model, task_batches(processor, data[start:stop], batch_size))
+        running = part if running is None else running.merge(part)
+        merged[stop] = running
+        start = stop
+    full = merged[len(data)]
+    alpha = band_lipschitz(model, task_batches(processor, data[:n_lipschitz], batch_size), n_random=n_random,
+                           seed=seed)
+    prediction = predict_band(full, alpha, model=model, **rule)
+    return BandStudy(full, alpha, prediction, {n: merged[n] for n in cuts if n in set(prefixes) or n == len(data)})

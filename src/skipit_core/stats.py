@@ -10,6 +10,7 @@ import cycle. :mod:`skipit_core.theory` re-exports the four bounds and intervals
 - :func:`wilson_interval`: Wilson score interval.
 - :func:`mcnemar_exact`: the exact McNemar test of two paired success vectors (the same questions
   answered under two conditions), ``scipy.stats.binomtest`` on the discordant pairs.
+- :func:`holm`: Holm's step-down adjustment of several p-values (family-wise error control).
 
 All are vectorised over NumPy-broadcastable ``k`` and ``n`` and return floats for scalar inputs.
 Clopper-Pearson and Wilson are the intervals of ``scipy.stats.binomtest(k, n).proportion_ci``
@@ -32,7 +33,7 @@ from scipy import stats
 from .errors import InputError
 
 __all__ = ["hoeffding_upper", "hoeffding_mean_upper", "clopper_pearson", "wilson_interval", "mcnemar_exact",
-           "McNemar"]
+           "McNemar", "holm"]
 
 SIDES = ("two-sided", "upper", "lower")
 
@@ -190,3 +191,23 @@ def mcnemar_exact(correct_a, correct_b, confidence: float = 0.95) -> McNemar:
     lo, hi = clopper_pearson(only_a, discordant, confidence)
     scale = discordant / n
     return McNemar(n, only_a, only_b, (only_a - only_b) / n, (scale * (2 * lo - 1), scale * (2 * hi - 1)), p)
+
+
+def holm(p_values) -> np.ndarray:
+    """Holm's (1979) step-down adjusted p-values of ``m`` tests, in the order given.
+
+    With the p-values sorted, ``p_(1) <= ... <= p_(m)``, the adjusted value of the ``i``-th is
+    ``max_{j <= i} min(1, (m - j + 1) p_(j))``. Rejecting every test whose adjusted p-value is ``<= alpha``
+    keeps the probability of any false rejection ``<= alpha`` whatever the dependence between the tests
+    (e.g. plans scored on the same questions). Never below the raw p-value, never above Bonferroni's
+    ``min(1, m p)``, and equal to it for the smallest.
+    """
+    p = np.asarray(p_values, dtype=np.float64) if np.ndim(p_values) else None
+    if p is None or p.ndim != 1 or p.size == 0 or not np.all(np.isfinite(p)) or np.any((p < 0) | (p > 1)):
+        raise InputError(f"holm needs a non-empty 1-D sequence of p-values in [0, 1]; got {p_values!r}.")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    stepped = np.maximum.accumulate(np.minimum(1.0, (m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = stepped
+    return out

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from .datasets import (TEST_PER_FAMILY, TEST_SEED, DigitScenes, VQASet, load_pope, normalize_answer,
                        test_set_path)
-from .evaluation import (EvalResult, batches, build_prompts, encode, evaluate, kept_window, next_token_logits,
-                         summarise, wilson)
+from .evaluation import (STRATEGIES, EvalResult, batches, build_prompts, encode, evaluate, kept_window,
+                         next_token_logits, paired_sweep, summarise, sweep, sweep_frame, wilson)
 from .scenes import (ANSWERS, CANVAS, CELL, DIGITS, GRID, N_CELLS, NOISE, QUESTION_FAMILIES, SPLIT_FRACTIONS,
                      SPLITS, TEMPLATES, VOCABULARY, QuestionFamily, digit_pool, question_family, render_scene)
 
@@ -32,6 +32,10 @@ __all__ = [
     "EvalResult",
     "evaluate",
     "kept_window",
+    "sweep",
+    "sweep_frame",
+    "paired_sweep",
+    "STRATEGIES",
     "build_prompts",
     "encode",
     "next_token_logits",

@@ -4,7 +4,8 @@
 (DigitScenes, or a real benchmark through :func:`~skipit_core.tasks.load_pope`): one forward pass per
 batch (left padding), the answer is the argmax of the next-token logits over the **full vocabulary**,
 decoded and normalised (lower case, surrounding spaces / punctuation / sentencepiece markers stripped)
-and compared with the expected answer. Restricting the argmax to the family's answers would hide a
+and compared with the expected answer (``EvalResult.correct [N]``: one boolean per item, in the data's
+order, so two plans scored on the same items can be compared question by question). Restricting the argmax to the family's answers would hide a
 model that answers off-format; the full-vocabulary rule is the honest one. Every accuracy comes with a
 Wilson 95% interval, per question family too, and a blank-image baseline (``with_blank=True`` or
 ``data.blank()``) says how much of it is reachable without looking.
@@ -25,13 +26,13 @@ from tqdm.auto import tqdm
 from ..errors import InputError
 from ..forward import accepts, model_device_dtype, move_inputs
 from ..models import Backbone
-from ..skip import skipping
-from ..stats import wilson_interval
+from ..skip import SkipPlan, skipping
+from ..stats import holm, mcnemar_exact, wilson_interval
 from .datasets import VQASet, normalize_answer
 from .scenes import ANSWERS, QUESTION_FAMILIES
 
 __all__ = ["build_prompts", "encode", "batches", "next_token_logits", "evaluate", "EvalResult", "summarise",
-           "wilson", "kept_window"]
+           "wilson", "kept_window", "sweep", "sweep_frame", "STRATEGIES", "paired_sweep"]
 
 
 #: the Wilson interval of every accuracy (:func:`skipit_core.stats.wilson_interval`, one owner)
@@ -231,3 +232,92 @@ def kept_window(early_exit: Mapping[int, Any], late_entry: Mapping[int, Any], re
         raise InputError("no swept plan keeps the reference accuracy inside its interval; include the no-op "
                          "plans early_exit(n_layers) and late_entry(0) in the sweeps.")
     return entries[-1], max(exits[0], entries[-1])
+
+
+#: the two sweeps of :func:`sweep`: display name -> plan constructor
+STRATEGIES = {"Early Exit": SkipPlan.early_exit, "Late Entry": SkipPlan.late_entry}
+
+
+def sweep(model, processor, data: VQASet, ks: Sequence[int] | None = None, *, reference: EvalResult | None = None,
+          batch_size: int = 32, confidence: float = 0.95) -> dict[str, dict[int, EvalResult]]:
+    """Early Exit(k) and Late Entry(k) scored on the same items for every ``k`` in ``ks``.
+
+    Returns ``{"Early Exit": {k: EvalResult}, "Late Entry": {k: EvalResult}}`` (the keys of
+    :data:`STRATEGIES`, ``k`` in the order given; default ``ks = 0, 1, ..., L`` for an ``L``-layer backbone,
+    every layer boundary). The two sweeps are what :func:`kept_window` reads; every result keeps its
+    per-item ``correct`` vector, so a plan can be compared with no skipping on the same questions
+    (:func:`skipit_core.stats.mcnemar_exact`). The no-op plans ``late_entry(0)`` and ``early_exit(L)``
+    give bit-identical outputs (tested in ``tests/test_skip.py``), so they are not run again: they
+    get ``reference`` (the unskipped :func:`evaluate` of the same ``data``, computed once when not given).
+    """
+    L = Backbone.of(model).n_layers
+    ks = list(range(L + 1)) if ks is None else [int(k) for k in ks]
+    bad = [k for k in ks if not 0 <= k <= L]
+    if bad or not ks or len(set(ks)) != len(ks):
+        raise InputError(f"ks must be distinct layer boundaries in 0..{L} (this backbone has {L} layers); got "
+                         f"{ks!r}.")
+    if reference is not None and (reference.n != len(data) or reference.confidence != confidence):
+        raise InputError(f"reference must be the unskipped evaluate() of the same {len(data)} items at confidence "
+                         f"{confidence}; got n={reference.n}, confidence {reference.confidence}.")
+    out: dict[str, dict[int, EvalResult]] = {}
+    for name, make in STRATEGIES.items():
+        out[name] = {}
+        for k in ks:
+            plan = make(k)
+            if plan.is_noop(L):
+                if reference is None:
+                    reference = evaluate(model, processor, data, batch_size=batch_size, confidence=confidence)
+                out[name][k] = reference
+            else:
+                out[name][k] = evaluate(model, processor, data, plan, batch_size=batch_size, confidence=confidence)
+    return out
+
+
+def sweep_frame(results: Mapping[str, Mapping[int, EvalResult]]) -> pd.DataFrame:
+    """One row per swept plan of :func:`sweep`'s result: strategy, k, accuracy, ci_low, ci_high, n, k_correct."""
+    return pd.DataFrame([dict(strategy=name, k=k, accuracy=r.accuracy, ci_low=r.ci_low, ci_high=r.ci_high, n=r.n,
+                              k_correct=r.k) for name, by_k in results.items() for k, r in by_k.items()])
+
+
+def paired_sweep(results: Mapping[str, Mapping[int, EvalResult]], reference: EvalResult,
+                 window: tuple[int, int] | None = None, n_layers: int | None = None) -> pd.DataFrame:
+    """Every swept plan against no skipping on the same questions: exact McNemar test and paired effect.
+
+    ``results``: :func:`sweep`'s ``{"Early Exit": {k: EvalResult}, "Late Entry": {k: EvalResult}}``;
+    ``reference``: the unskipped result on the same items (``correct`` vectors compared item by item);
+    ``window = (a, b)``: the layers ``[a, b)`` the vision tokens are kept in (the band they skip is
+    ``[0, a) U [b, L)``, e.g. :func:`kept_window`'s result or a predicted ``late_entry(a) | early_exit(b)``).
+    A plan is *inside* when it skips only band layers (Late Entry(k) with ``k <= a``, Early Exit(k) with
+    ``k >= b``). ``n_layers`` marks the no-op plans (Late Entry(0), Early Exit(L)).
+
+    Columns: strategy, k, inside (None without a window), noop, accuracy, ci_low, ci_high, reference_in_ci
+    (the unskipped accuracy lies in the plan's Wilson interval), difference (reference accuracy minus the plan's, the
+    paired difference of :func:`skipit_core.stats.mcnemar_exact`), diff_low, diff_high (its exact interval),
+    only_reference, only_plan (discordant questions), p_value (two-sided exact McNemar) and p_holm (Holm-adjusted
+    over the plans that are not no-ops, :func:`skipit_core.stats.holm`).
+    """
+    rows = []
+    ref_correct = np.asarray(reference.correct, dtype=bool)
+    for name, by_k in results.items():
+        if name not in STRATEGIES:
+            raise InputError(f"results must be sweep()'s dict with keys {list(STRATEGIES)}; got key {name!r}.")
+        for k, r in by_k.items():
+            if len(r.correct) != len(ref_correct):
+                raise InputError(f"{name}({k}) was scored on {len(r.correct)} items, the reference on "
+                                 f"{len(ref_correct)}: a paired test needs the same questions.")
+            test = mcnemar_exact(ref_correct, np.asarray(r.correct, dtype=bool), reference.confidence)
+            inside = None
+            if window is not None:
+                inside = bool(k <= window[0]) if name == "Late Entry" else bool(k >= window[1])
+            noop = (k == 0 if name == "Late Entry" else k == n_layers) if n_layers is not None else False
+            rows.append(dict(strategy=name, k=int(k), inside=inside, noop=bool(noop), accuracy=r.accuracy,
+                             ci_low=r.ci_low, ci_high=r.ci_high,
+                             reference_in_ci=bool(r.ci_low <= reference.accuracy <= r.ci_high),
+                             difference=test.difference, diff_low=test.ci[0], diff_high=test.ci[1],
+                             only_reference=test.only_a, only_plan=test.only_b, p_value=test.p_value))
+    frame = pd.DataFrame(rows)
+    frame["p_holm"] = np.nan
+    tested = ~frame["noop"].to_numpy(bool)
+    if tested.any():
+        frame.loc[tested, "p_holm"] = holm(frame.loc[tested, "p_value"].to_numpy())
+    return frame
