@@ -6,7 +6,11 @@ assumed. Exact companions (:func:`bayes_error`, :func:`attention_removal_change`
 quantity a bound controls, so tests and chapters can put the two side by side.
 
 Also here: :func:`lipschitz_estimate` (empirical Lipschitz constants alpha, beta of a downstream
-map, so T1/T2 give numbers for a real model). The finite-sample certificates for tail probabilities
+map, so T1/T2 give numbers for a real model), and what T1/T2 need on a real VLM: the measured
+functional gap of a skip plan (:func:`functional_gap`, from :func:`answer_logprob`), the per-sample
+per-token cosine distances of the vision tokens across every layer (:func:`vision_cos_dists`) and the
+Lipschitz constants of the answer's log-probability in the normalised vision block at a layer's
+output, along the direction that skipping the layer moves it (:func:`skip_lipschitz`). The finite-sample certificates for tail probabilities
 and accuracies (:func:`hoeffding_upper`, :func:`hoeffding_mean_upper`, :func:`clopper_pearson`,
 :func:`wilson_interval`) live in :mod:`skipit_core.stats` and are re-exported here.
 
@@ -16,15 +20,20 @@ Units: information in bits; cosine distances ``d(a, b) = 1 - <a, b> / (|a| |b|)`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
 import torch
 from scipy import optimize
+from torch import nn
 
 from .errors import InputError, NumericalError
+from .forward import BatchLayout, iter_batches, last_logprobs, run_forward
 from .information import conditional_entropy_from_table
+from .models import Backbone
+from .skip import SkipPlan, skipping
 from .stats import clopper_pearson, hoeffding_mean_upper, hoeffding_upper, wilson_interval
 from .utils import as_int, as_numpy, check_finite
 
@@ -45,6 +54,10 @@ __all__ = [
     "output_projection_norms",
     "LipschitzEstimate",
     "lipschitz_estimate",
+    "answer_logprob",
+    "functional_gap",
+    "vision_cos_dists",
+    "skip_lipschitz",
     "hoeffding_upper",
     "hoeffding_mean_upper",
     "clopper_pearson",
@@ -574,6 +587,171 @@ def _given_directions(directions, xt: torch.Tensor) -> list[torch.Tensor]:
                              f"sample) or {tuple(xt.shape[1:])} (shared).")
         out.append(_unit(dt.clone()))
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# T1/T2 on a real model: the functional gap of a plan, the drifts, the Lipschitz constants
+# ----------------------------------------------------------------------------------------------
+
+def _batch_list(batches) -> list:
+    """``batches`` as a list (a single dict is one batch), so it can be run more than once."""
+    return [batches] if isinstance(batches, Mapping) else list(batches)
+
+
+def answer_logprob(model: nn.Module, batches: Iterable[Mapping] | Mapping, plan: SkipPlan | None = None,
+                   targets=None) -> tuple[np.ndarray, np.ndarray]:
+    """``log p(y_i)`` of the next token at each sample's last position, under ``plan`` (float64, nats).
+
+    ``targets [n]``: the token id ``y_i`` of each sample (e.g. the encoded answer); ``None`` takes the
+    model's own top token of this same forward (label-free, the score :func:`band.band_lipschitz` reads).
+    Returns ``(logp [n], targets [n])``, samples in the order of ``batches``.
+    """
+    if plan is not None and not isinstance(plan, SkipPlan):
+        raise InputError(f"plan must be a SkipPlan (sk.SkipPlan.vision_freeze(l), ...) or None; got {type(plan).__name__}.")
+    want = None if targets is None else np.asarray(as_numpy(targets, "targets", dtype=np.int64), dtype=np.int64)
+    logps, tops, seen = [], [], 0
+    for inputs, layout in iter_batches(model, _batch_list(batches)):
+        if plan is None:
+            lp = last_logprobs(model, inputs, layout)
+        else:
+            with skipping(model, plan):
+                lp = last_logprobs(model, inputs, layout)
+        if want is None:
+            y = lp.argmax(-1)
+        else:
+            if want.ndim != 1 or seen + layout.batch > want.size:
+                raise InputError(f"targets must hold one token id per sample; got shape {want.shape} for at "
+                                 f"least {seen + layout.batch} samples.")
+            y = torch.as_tensor(want[seen:seen + layout.batch], device=lp.device)
+            if bool(((y < 0) | (y >= lp.shape[-1])).any()):
+                raise InputError(f"targets must be token ids in [0, {lp.shape[-1]}); got {y.tolist()}.")
+        logps.append(lp.gather(1, y[:, None])[:, 0].cpu().numpy())
+        tops.append(y.cpu().numpy())
+        seen += layout.batch
+    if want is not None and want.size != seen:
+        raise InputError(f"targets holds {want.size} token ids for {seen} samples; pass one per sample.")
+    return np.concatenate(logps), np.concatenate(tops).astype(np.int64)
+
+
+def functional_gap(model: nn.Module, batches: Iterable[Mapping] | Mapping, plan: SkipPlan,
+                   targets=None) -> np.ndarray:
+    """Per sample, ``h_i(plan) - h_i`` with ``h_i = log p(y_i)`` the answer's log-probability (nats).
+
+    The functional gap of THEORY.md, definition 3, before the expectation: ``[n]`` signed changes;
+    ``|mean|`` is the gap of the expectation, ``abs`` what T1/T2 bound per sample. ``targets`` as in
+    :func:`answer_logprob` (``None``: the model's own top token *without* the plan, kept fixed under it).
+    A plan that skips nothing gives exactly 0.
+    """
+    if not isinstance(plan, SkipPlan):
+        raise InputError(f"plan must be a SkipPlan (sk.SkipPlan.vision_freeze(l), ...); got {type(plan).__name__}.")
+    items = _batch_list(batches)
+    base, y = answer_logprob(model, items, None, targets)
+    skipped, _ = answer_logprob(model, items, plan, y)
+    return skipped - base
+
+
+def _vision_rows(layout: BatchLayout) -> torch.Tensor:
+    """``[B, |V|]`` positions of the vision tokens; every sample must hold the same non-zero number."""
+    counts = layout.n_vision
+    if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
+        raise InputError("need the same, non-zero number of vision tokens in every sample of a batch (one image "
+                         "size per batch, an image in every prompt).")
+    return layout.vision.nonzero()[:, 1].view(layout.batch, int(counts[0]))
+
+
+def _gather(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, rows[..., None].expand(*rows.shape, x.shape[-1]))
+
+
+def vision_cos_dists(model: nn.Module, batches: Iterable[Mapping] | Mapping) -> np.ndarray:
+    """``d[n, l, i] = d(x_{l-1}^(i), x_l^(i))``: cosine distance (in [0, 2]) of vision token ``i`` of sample
+    ``n`` across decoder layer ``l`` (input vs output), float64, ``[n, L, |V|]``.
+
+    ``sqrt(2 d[n, l].sum())`` is the drift ``||X_hat_l - X_hat_(l-1)||_F`` of sample n's normalised vision
+    block across layer ``l``, the quantity of T1 (:func:`geometric_gap_bound`); ``d[n, a:b+1]`` is what
+    :func:`band_gap_bound` takes for the band ``[a, b]``. Computed as ``|a_hat - b_hat|^2 / 2``.
+    """
+    bb = Backbone.of(model)
+    out = []
+    for inputs, layout in iter_batches(bb, _batch_list(batches)):
+        rows = _vision_rows(layout)
+        per_layer: dict[int, torch.Tensor] = {}
+
+        def grab(l, x_in, x_out, kwargs, lay):
+            a, b = _gather(x_in, rows).double(), _gather(x_out, rows).double()
+            diff = a / a.norm(dim=-1, keepdim=True) - b / b.norm(dim=-1, keepdim=True)
+            per_layer[l] = (0.5 * diff.square().sum(-1)).clamp(0.0, 2.0)
+
+        run_forward(bb, inputs, layout, post=grab)
+        out.append(torch.stack([per_layer[l] for l in range(bb.n_layers)], 1).cpu().numpy())
+    d = np.concatenate(out)
+    if not np.all(np.isfinite(d)):
+        raise NumericalError("a vision row has zero norm or NaN; the cosine distance is undefined there.")
+    return d
+
+
+def skip_lipschitz(model: nn.Module, batches: Iterable[Mapping] | Mapping, *, layers: Sequence[int] | None = None,
+                   n_random: int = 2, step: float = 1e-2, seed: int = 0) -> list[LipschitzEstimate]:
+    """Per layer ``l``: the empirical Lipschitz constant (T1's ``alpha``) of the answer's log-probability
+    as a function of the normalised vision block at layer ``l``'s *output*, where skipping layer ``l``
+    for the vision tokens (``SkipPlan.vision_freeze(l)``: ``x_l^(V) := x_(l-1)^(V)``) acts.
+
+    Score: ``log p(y_hat)``, ``y_hat`` the model's own top token unperturbed (label-free). The block
+    ``X_hat [|V|, d]`` holds the unit-normalised vision rows of layer ``l``'s output; ``X_hat + h u``
+    replaces them as ``r_i (x_hat_i + h u_i)``, ``r_i`` the rows' norms there. Directions (unit in the
+    Frobenius norm, central differences, :func:`lipschitz_estimate`): the skip direction
+    ``X_hat_(l-1) - X_hat_l`` first (``ratios[:, 0]``, ``along_given``), then ``n_random`` Gaussian ones.
+    Differs from :func:`band.band_lipschitz`, which perturbs layer ``l``'s *input* along ``X_hat_l -
+    X_hat_(l-1)``. After the last layer only the final norm of the last (text) position is read, so the
+    ratios there are 0. A lower estimate of the true constant. One estimate per layer, pooled over batches.
+    """
+    bb = Backbone.of(model)
+    chosen = list(range(bb.n_layers)) if layers is None else [as_int(l, "layer", minimum=0) for l in layers]
+    bad = [l for l in chosen if l >= bb.n_layers]
+    if bad:
+        raise InputError(f"layers {bad} do not exist: this backbone has layers 0..{bb.n_layers - 1}.")
+    parts: dict[int, list[LipschitzEstimate]] = {l: [] for l in chosen}
+    for inputs, layout in iter_batches(bb, _batch_list(batches)):
+        rows = _vision_rows(layout)
+        states: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+        def grab(l, x_in, x_out, kwargs, lay):
+            states[l] = (_gather(x_in, rows).float(), _gather(x_out, rows).float())
+
+        top = run_forward(bb, inputs, layout, post=grab, logits=True).argmax(-1)
+        for l in chosen:
+            x_in, x_out = states[l]
+            norms = x_out.norm(dim=-1, keepdim=True)
+            x_hat = x_out / norms
+            skip_dir = x_in / x_in.norm(dim=-1, keepdim=True) - x_hat
+
+            def score(block: torch.Tensor, l=l, norms=norms) -> torch.Tensor:
+                def put(idx, x_in_, x_out_, kwargs, lay):
+                    if idx != l:
+                        return None
+                    pick = rows[..., None].expand(*rows.shape, x_out_.shape[-1])
+                    return x_out_.scatter(1, pick, (block * norms).to(x_out_.dtype))
+                logits = run_forward(bb, inputs, layout, post=put, logits=True)
+                return torch.log_softmax(logits.double(), -1).gather(1, top[:, None])[:, 0]
+
+            given = skip_dir if bool((skip_dir.flatten(1).norm(dim=1) > 0).all()) else None
+            parts[l].append(lipschitz_estimate(score, x_hat, directions=given, n_random=n_random, step=step,
+                                               seed=seed))
+    return [_pool_estimates(parts[l]) for l in chosen]
+
+
+def _pool_estimates(parts: list[LipschitzEstimate]) -> LipschitzEstimate:
+    """One :class:`LipschitzEstimate` from the estimates of several batches (samples concatenated). A batch
+    whose skip direction was left out (a vision row that did not move) gets NaN in the given column."""
+    if len(parts) == 1:
+        return parts[0]
+    width = max(p.ratios.shape[1] for p in parts)
+    ratios = np.concatenate([np.pad(p.ratios, ((0, 0), (width - p.ratios.shape[1], 0)), constant_values=np.nan)
+                             for p in parts])
+    per_sample = np.concatenate([p.per_sample for p in parts])
+    given = [p.along_given for p in parts if p.along_given is not None]
+    return replace(parts[0], max=float(per_sample.max()), quantile=float(np.quantile(per_sample, parts[0].level)),
+                   along_given=max(given) if given else None, per_sample=per_sample, ratios=ratios)
 
 
 # the finite-sample certificates (hoeffding_upper, hoeffding_mean_upper, clopper_pearson,
