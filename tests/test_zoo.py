@@ -612,3 +612,29 @@ def test_load_vlm_refuses_a_device_this_machine_lacks(device, message):
         pytest.skip("this machine has CUDA")
     with pytest.raises(InputError, match=message):
         load_vlm("digits-llava", device=device)
+
+
+def test_alignment_pilot_branches_one_stage1_encoder():
+    """The pilot's 'with stage 2' branch is exactly the training run of the same config (same losses, step
+    for step), and 'without' takes the same number of optimiser steps, all of them full fine-tuning."""
+    import dataclasses
+
+    from skipit_core.zoo.pilot import alignment_pilot
+    from skipit_core.zoo.train import TrainConfig, train
+
+    cfg = TrainConfig(arch="qwen2vl", size=TINY, steps=2, batch_size=4, warmup=1, vision_steps=1, vision_batch_size=4,
+                      align_steps=2, eval_every=0, val_per_family=1, threads=1)
+    record = alignment_pilot(cfg, log=lambda s: None)
+    _, _, history = train(cfg, progress=False, log=lambda s: None)
+    with_, without = record["runs"]["with"], record["runs"]["without"]
+    assert with_["loss"] == [round(x, 6) for x in history["loss"]]
+    assert (with_["align_steps"], with_["steps"], without["align_steps"], without["steps"]) == (2, 2, 0, 4)
+    assert [v["stage"] for v in with_["validation"]] == ["align", "full"]
+    s = record["summary"]
+    assert s["n"] == len(DigitScenes("validation").generate(1, seed=1)) == 7
+    assert s["difference"] == pytest.approx(s["with"]["accuracy"] - s["without"]["accuracy"], abs=1e-4)
+    for name in ("with", "without"):
+        assert s[name]["ci_low"] <= s[name]["accuracy"] <= s[name]["ci_high"]
+        assert s[name]["train_minutes"] * 60 >= record["stage1"]["wall_time_s"]  # stage 1 is counted in both
+    with pytest.raises(SkipitError, match="--align-steps >= 1"):
+        alignment_pilot(dataclasses.replace(cfg, align_steps=0))

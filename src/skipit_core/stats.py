@@ -148,7 +148,9 @@ def wilson_interval(k, n, confidence: float = 0.95) -> tuple[float, float]:
     denom = 1.0 + z * z / na
     centre = (p + z * z / (2.0 * na)) / denom
     half = z * np.sqrt(p * (1.0 - p) / na + z * z / (4.0 * na * na)) / denom
-    return _out(np.clip(centre - half, 0.0, 1.0)), _out(np.clip(centre + half, 0.0, 1.0))
+    low = np.where(ka == 0, 0.0, np.clip(centre - half, 0.0, 1.0))  # exact ends: centre = half at k = 0
+    high = np.where(ka == na, 1.0, np.clip(centre + half, 0.0, 1.0))
+    return _out(low), _out(high)
 
 
 @dataclass(frozen=True)

@@ -471,11 +471,26 @@ def _run(cfg: TrainConfig, progress: bool, log: Callable[[str], None]):
         processor = load_processor(init)
         if (init / "training.json").exists():
             previous = json.loads((init / "training.json").read_text())
+    history = run_stages(model, processor, cfg, validation_set(cfg), progress=progress, log=log)
+    return model, processor, history, previous
+
+
+def validation_set(cfg: TrainConfig) -> VQASet | None:
+    """The validation questions logged during training: ``val_per_family`` per family from the validation
+    digit pool (seed ``seed + 1``), or None."""
+    return DigitScenes("validation").generate(cfg.val_per_family, seed=cfg.seed + 1) if cfg.val_per_family else None
+
+
+def run_stages(model, processor, cfg: TrainConfig, val: VQASet | None, *, progress: bool = False,
+               log: Callable[[str], None] = print, spent_s: float = 0.0) -> dict:
+    """Stages 1-3 of ``cfg`` on ``model`` (stage 1 only if ``vision_steps``, stage 2 only if ``align_steps``),
+    validating on ``val``. Returns the history (``loss``, ``validation``, ``vision_pretrain``, ``align``,
+    ``wall_time_s``); ``spent_s`` seconds of earlier training are added to every logged training time.
+    Leaves the model in eval mode."""
     train_gen = DigitScenes("train")
-    val = DigitScenes("validation").generate(cfg.val_per_family, seed=cfg.seed + 1) if cfg.val_per_family else None
     rng = np.random.default_rng(cfg.seed)
     history: dict = {"loss": [], "validation": [], "vision_pretrain": {}, "align": {}}
-    t0, validating = time.perf_counter(), [0.0]  # wall time covers every stage; validation time is also kept
+    t0, validating = time.perf_counter() - spent_s, [0.0]  # wall time covers every stage; validation time is kept
 
     def validate(stage: str, step: int, last: int) -> None:
         if val is None or not (step == last or (stage == "full" and cfg.eval_every and step % cfg.eval_every == 0)):
@@ -500,7 +515,7 @@ def _run(cfg: TrainConfig, progress: bool, log: Callable[[str], None]):
                                after_step=lambda step: validate("full", step, cfg.steps))
     history["wall_time_s"] = round(time.perf_counter() - t0, 1)
     model.eval()
-    return model, processor, history, previous
+    return history
 
 
 def _save(model, processor, cfg: TrainConfig, history: dict, previous, out: Path, command: str | None) -> None:
