@@ -594,6 +594,20 @@ def test_card_of_a_new_model_says_its_layout_recipe_and_redundancy(tmp_path):
     assert "--out data/models/digits-tiny" in card and str(tmp_path) not in card
     assert len(stored["profile"]["mean_cos_dist_vision"]) == len(stored["profile"]["var"]) == TINY.layers
     assert "| 1 | " in card.split("## Redundancy profile")[1]
+    assert "Stage 2 (alignment) is part of this model's recipe" in card and "no run without it" in card
+
+    from skipit_core.zoo.pilot import alignment_pilot
+    from skipit_core.zoo.train import TrainConfig
+
+    pilot = alignment_pilot(TrainConfig(arch="llava", size=TINY, steps=1, batch_size=4, warmup=1, vision_steps=1,
+                                        vision_batch_size=4, align_steps=1, eval_every=0, val_per_family=1),
+                            log=lambda s: None, command="python -m skipit_core.zoo.pilot --align-steps 1")
+    (folder / "stage2_pilot.json").write_text(json.dumps(pilot))
+    card = write_card(folder, evaluate=False).read_text()
+    s = pilot["summary"]
+    assert "side-by-side pilot" in card and "1 projector-only + 1 full steps against 2 full steps" in card
+    assert f"{100 * s['with']['accuracy']:.1f}% [{100 * s['with']['ci_low']:.1f}%" in card
+    assert f"difference {100 * s['difference']:+.1f} points" in card
 
 
 @pytest.mark.parametrize("device, message", [

@@ -99,8 +99,9 @@ LAYOUT_TEXT = {
 }
 
 
-def _recipe(chain: list[dict], targets: str) -> str:
-    """The stages of every run of ``chain`` (oldest first) as a markdown list."""
+def _recipe(chain: list[dict], targets: str, pilot: dict | None = None) -> str:
+    """The stages of every run of ``chain`` (oldest first) as a markdown list, then what the stage-2
+    ``pilot`` (:mod:`skipit_core.zoo.pilot`'s JSON) measured, if there is one."""
     lines = []
     for i, record in enumerate(chain):
         cfg = TrainConfig.from_dict(record)
@@ -116,14 +117,33 @@ def _recipe(chain: list[dict], targets: str) -> str:
             lines.append(f"- {run}stage 2, alignment: {cfg.align_steps} steps of batch {cfg.batch_size} at peak lr "
                          f"{cfg.align_lr}; only the projector trains, the vision encoder and the language model are "
                          "frozen." + "".join(f" Validation accuracy afterwards {_pct(v['accuracy'])} after "
-                                             f"{v['train_time_s'] / 60:.1f} min of training." for v in after)
-                         + " Stage 2 is LLaVA's recipe, not a measured gain here: a run without it at the same "
-                         "budget (validation accuracy per CPU minute) has not been made yet.")
+                                             f"{v['train_time_s'] / 60:.1f} min of training." for v in after))
         turns = f" ({cfg.turns}-turn conversations)" if cfg.turns > 1 else ""
         lines.append(f"- {run}stage 3, full fine-tuning: {cfg.steps} steps of batch {cfg.batch_size}{turns} at peak "
                      f"lr {cfg.lr}, {vision} at {cfg.vision_lr_scale} x that; loss = cross-entropy of the answer "
                      "tokens only.")
-    return "\n".join(lines) or "(training.json missing)"
+    if not lines:
+        return "(training.json missing)"
+    return "\n".join(lines) + "\n\n" + _pilot_text(chain, pilot)
+
+
+def _pilot_text(chain: list[dict], pilot: dict | None) -> str:
+    """Whether stage 2 was used, and the side-by-side pilot that measured it (or that none was made)."""
+    used = any((r.get("align") or {}).get("steps") for r in chain)
+    head = "Stage 2 (alignment) is " + ("part of this model's recipe" if used else "not part of this model's recipe")
+    if pilot is None:
+        return head + ("; it is LLaVA's recipe, not a measured gain here: no run without it at the same budget has "
+                       "been made." if used else "; no pilot measured it for this model.")
+    s, cfg = pilot["summary"], pilot["config"]
+    runs = pilot["runs"]
+    fmt = lambda r: f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"  # noqa: E731
+    return (f"{head}. Measured in a side-by-side pilot (`stage2_pilot.json`; `{pilot.get('command')}`): one "
+            f"stage-1 encoder, then {runs['with']['align_steps']} projector-only + {runs['with']['steps']} full steps "
+            f"against {runs['without']['steps']} full steps ({cfg['arch']}, batch {cfg['batch_size']}, "
+            f"{cfg['turns']}-turn conversations). Validation accuracy (n = {s['n']}, Wilson 95%): "
+            f"{fmt(s['with'])} with stage 2 after {s['with']['train_minutes']:.1f} min of training, {fmt(s['without'])} "
+            f"without it after {s['without']['train_minutes']:.1f} min; difference {100 * s['difference']:+.1f} "
+            "points.")
 
 
 def portable(command: str, name: str) -> str:
@@ -173,7 +193,8 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE, *, evaluate:
     targets = vp.get("targets", "own, left, above digit")
     threads = {c.get("threads") for c in chain}
     threads_text = f"{threads.pop()} CPU thread(s)" if len(threads) == 1 else "CPU threads " + "/".join(map(str, threads))
-    recipe = _recipe(chain, targets)
+    pilot_file = path / "stage2_pilot.json"
+    recipe = _recipe(chain, targets, json.loads(pilot_file.read_text()) if pilot_file.exists() else None)
     layout = prompt_layout(ev["prompt"])
     layout_text = (LAYOUT_TEXT[layout] if layout in LAYOUT_TEXT else layout)
     card = f"""# {name}
