@@ -83,6 +83,12 @@ def test_answer_logprob_top_token_and_given_targets(tiny):
         answer_logprob(tiny.model, inputs, targets=other[:2])
     with pytest.raises(InputError, match="SkipPlan"):
         functional_gap(tiny.model, inputs, "vision_freeze(1)")
+    # a reused reference gives the same gap as a fresh one, sample for sample
+    plan = SkipPlan.vision_freeze(1)
+    np.testing.assert_array_equal(functional_gap(tiny.model, inputs, plan, reference=(lp, top)),
+                                  functional_gap(tiny.model, inputs, plan))
+    with pytest.raises(InputError, match="reference"):
+        functional_gap(tiny.model, inputs, plan, reference=(lp, top[:1]))
 
 
 def test_vision_cos_dists_match_plain_hooks(tiny):

@@ -634,18 +634,29 @@ def answer_logprob(model: nn.Module, batches: Iterable[Mapping] | Mapping, plan:
 
 
 def functional_gap(model: nn.Module, batches: Iterable[Mapping] | Mapping, plan: SkipPlan,
-                   targets=None) -> np.ndarray:
+                   targets=None, reference: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Per sample, ``h_i(plan) - h_i`` with ``h_i = log p(y_i)`` the answer's log-probability (nats).
 
     The functional gap of THEORY.md, definition 3, before the expectation: ``[n]`` signed changes;
     ``|mean|`` is the gap of the expectation, ``abs`` what T1/T2 bound per sample. ``targets`` as in
     :func:`answer_logprob` (``None``: the model's own top token *without* the plan, kept fixed under it).
-    A plan that skips nothing gives exactly 0.
+    ``reference``: the ``(logp, targets)`` that ``answer_logprob(model, batches, None, targets)`` returned
+    for the same batches, to reuse one unskipped forward for many plans. A plan that skips nothing gives
+    exactly 0.
     """
     if not isinstance(plan, SkipPlan):
         raise InputError(f"plan must be a SkipPlan (sk.SkipPlan.vision_freeze(l), ...); got {type(plan).__name__}.")
     items = _batch_list(batches)
-    base, y = answer_logprob(model, items, None, targets)
+    if reference is None:
+        base, y = answer_logprob(model, items, None, targets)
+    else:
+        try:
+            base, y = (np.asarray(r) for r in reference)
+        except (TypeError, ValueError):
+            raise InputError("reference must be the (logp, targets) pair answer_logprob returned.") from None
+        if base.shape != y.shape or base.ndim != 1:
+            raise InputError(f"reference must be the (logp [n], targets [n]) pair answer_logprob returned; got "
+                             f"shapes {base.shape} and {y.shape}.")
     skipped, _ = answer_logprob(model, items, plan, y)
     return skipped - base
 
