@@ -652,3 +652,27 @@ def test_alignment_pilot_branches_one_stage1_encoder():
         assert s[name]["train_minutes"] * 60 >= record["stage1"]["wall_time_s"]  # stage 1 is counted in both
     with pytest.raises(SkipitError, match="--align-steps >= 1"):
         alignment_pilot(dataclasses.replace(cfg, align_steps=0))
+
+
+def test_training_records_and_validation_curve_read_old_and_new_files(tmp_path):
+    """The shipped chains read oldest first; the curve's total steps count every optimiser step of the
+    runs before (stage 2 included), and a file without ``val_per_family`` gets n = NaN, not a default."""
+    from skipit_core.zoo.train import train, training_records, validation_curve
+
+    for fixture in sorted((Path(__file__).parent / "fixtures").glob("training_format1_*.json")):
+        folder = tmp_path / fixture.stem
+        folder.mkdir()
+        (folder / "training.json").write_text(fixture.read_text())
+        chain = training_records(folder)
+        assert chain[0]["previous"] is None and all(a is b.get("previous") or a == b["previous"]
+                                                    for a, b in zip(chain, chain[1:]))
+        curve = validation_curve(chain)
+        assert len(curve) == sum(len(r["validation"]) for r in chain) and curve.n.isna().all()
+        assert (np.diff(curve.total_steps) > 0).all()
+        assert curve.total_steps.iloc[-1] == sum(r["steps"] for r in chain)
+    assert training_records(tmp_path) == []
+    train("qwen2vl", tmp_path / "new", size=TINY, steps=2, batch_size=4, warmup=1, vision_steps=1, vision_batch_size=4,
+          align_steps=3, eval_every=1, val_per_family=1, progress=False, log=lambda s: None)
+    curve = validation_curve(training_records(tmp_path / "new"))
+    assert list(curve.stage) == ["align", "full", "full"] and list(curve.total_steps) == [3, 4, 5]
+    assert (curve.n == 7).all() and curve.train_time_s.is_monotonic_increasing

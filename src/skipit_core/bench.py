@@ -7,7 +7,9 @@
   value (``A v``) products with their quadratic term, the MLP (3 matmuls when gated). Not counted:
   norms, rotary embeddings, softmax, residual adds (elementwise, a fraction of a percent), the
   ``lm_head`` (reported apart as :attr:`FlopReport.head_per_position`) and the vision tower.
-* :func:`ideal_speedup` is ``flops(no plan) / flops(plan)``.
+* :func:`ideal_speedup` is ``flops(no plan) / flops(plan)``; :func:`flop_saving` is ``1 - flops(plan) /
+  flops(no plan)``, and :func:`plan_at_budget` turns a per-layer score into the plan a method would run
+  at a FLOP budget (the layers it removes first, as many as the budget allows).
 * :func:`time_prefill` / :func:`time_decode` time a forward with warm-up and repeats and report the
   median and inter-quartile range: CUDA events with synchronisation on a GPU, ``perf_counter`` on a CPU.
   A timing whose IQR exceeds :data:`NOISY_IQR_RATIO` (25 %) of its median is flagged
@@ -25,6 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,7 +37,7 @@ from .forward import move_inputs
 from .models import Backbone
 from .skip import LayerMode, SkipPlan, Work, skipping
 
-__all__ = ["flops", "ideal_speedup", "prompt_tokens", "FlopReport", "LayerFlops", "Shapes", "time_prefill",
+__all__ = ["flops", "ideal_speedup", "flop_saving", "plan_at_budget", "BUDGET_KINDS", "prompt_tokens", "FlopReport", "LayerFlops", "Shapes", "time_prefill",
            "time_decode", "Timing", "NOISY_IQR_RATIO"]
 
 #: a timing whose inter-quartile range is above this fraction of its median is too noisy to read
@@ -215,6 +218,97 @@ def _decode_layer(s: Shapes, layer: int, mode: LayerMode, n_v: int, n_t: int, ca
 def ideal_speedup(model: Any, n_vision: int, n_text: int, plan: SkipPlan, **kwargs: Any) -> float:
     """``flops(no plan) / flops(plan)``: the speedup if time were proportional to decoder FLOPs."""
     return flops(model, n_vision, n_text, None, **kwargs).total / flops(model, n_vision, n_text, plan, **kwargs).total
+
+
+def flop_saving(model: Any, n_vision: int, n_text: int, plan: SkipPlan, **kwargs: Any) -> float:
+    """``1 - flops(plan) / flops(no plan)``: the fraction of the decoder's FLOPs the plan removes (prefill by
+    default; ``kwargs`` as :func:`flops`), in [0, 1]."""
+    base = flops(model, n_vision, n_text, None, **kwargs).total
+    return 1.0 - flops(model, n_vision, n_text, plan, **kwargs).total / base
+
+
+#: the plan families :func:`plan_at_budget` builds, and the constructor of each
+BUDGET_KINDS = {"whole": "SkipPlan.whole_layers", "freeze": "SkipPlan.vision_freeze",
+                "early_exit": "SkipPlan.early_exit"}
+
+
+def plan_at_budget(model: Any, scores: Any, budget: float, kind: str = "whole", *, n_vision: int, n_text: int,
+                   threshold: float | None = None, text_before: int = 1, attention: str = "causal") -> SkipPlan:
+    """The plan a score-driven method runs when it may remove at most a fraction ``budget`` of the decoder's
+    prefill FLOPs.
+
+    Write ``F(P)`` for :func:`flops` of plan ``P`` (prefill, ``n_vision`` vision and ``n_text`` text tokens,
+    ``text_before`` of them before the image) and ``s(P) = 1 - F(P) / F(none)`` for its saving.
+
+    * ``kind="whole"`` (ShortGPT, angular distance: ``SkipPlan.whole_layers``) or ``kind="freeze"`` (ShortV:
+      ``SkipPlan.vision_freeze``): ``scores`` ``[n_layers]``, low = removed first. Order the layers by
+      ascending score, ties by ascending layer index (``np.argsort(..., kind="stable")``), and return the
+      longest prefix ``{l_1, ..., l_m}`` of that order with ``s <= budget``; so adding ``l_{m+1}`` would
+      exceed the budget (or no layer is left). Every layer removed adds a non-negative saving, so ``s``
+      grows along the order and the prefix is well defined.
+    * ``kind="early_exit"`` (FastV with every vision token pruned, VTW: ``SkipPlan.early_exit(k)``, the
+      vision tokens leave from layer ``k`` on): the smallest ``k`` in ``0..n_layers`` with ``s <= budget``
+      and, when ``threshold`` is given, ``scores[k] <= threshold`` (``scores`` ``[n_layers + 1]``, indexed by
+      the exit layer, e.g. :func:`skipit_core.measures.vtw_kl` with its default ``ks``: VTW's rule, exit at the
+      first layer whose KL is small enough). Without ``threshold`` the budget alone fixes ``k`` and
+      ``scores`` may be ``None``.
+
+    A plan that removes nothing is returned as ``SkipPlan.none()`` (budget 0 always gives it). ``model``: a
+    VLM (meta device fine), its :class:`Backbone`, or :class:`Shapes`.
+    """
+    if kind not in BUDGET_KINDS:
+        raise InputError(f"kind must be one of {sorted(BUDGET_KINDS)}; got {kind!r}.")
+    fraction = _number(budget, "budget")
+    if not 0 <= fraction <= 1:
+        raise InputError(f"budget is a fraction of the decoder's FLOPs in [0, 1]; got {budget!r}.")
+    L = Shapes.of(model).n_layers
+    count = dict(text_before=text_before, attention=attention)
+    base = flops(model, n_vision, n_text, None, **count).total
+
+    def fits(plan: SkipPlan) -> bool:
+        return base - flops(model, n_vision, n_text, plan, **count).total <= fraction * base
+
+    if kind == "early_exit":
+        if threshold is not None:
+            s = _scores(scores, L + 1, "scores (one per exit layer k = 0..n_layers)")
+            threshold = _number(threshold, "threshold")
+        for k in range(L + 1):
+            plan = SkipPlan.early_exit(k) if k < L else SkipPlan.none()
+            if fits(plan) and (threshold is None or s[k] <= threshold):
+                return plan
+        return SkipPlan.none()
+    s = _scores(scores, L, "scores (one per layer)")
+    make = SkipPlan.whole_layers if kind == "whole" else SkipPlan.vision_freeze
+    chosen: list[int] = []
+    for layer in np.argsort(s, kind="stable"):
+        if not fits(make(chosen + [int(layer)])):
+            break
+        chosen.append(int(layer))
+    return make(chosen) if chosen else SkipPlan.none()
+
+
+def _number(x: Any, what: str) -> float:
+    """``x`` as a finite float (ints, floats, NumPy scalars); bools, strings and NaN raise InputError."""
+    if isinstance(x, (bool, np.bool_, str, bytes)):
+        raise InputError(f"{what} must be a number; got {x!r}.")
+    try:
+        value = float(x)
+    except (TypeError, ValueError):
+        raise InputError(f"{what} must be a number; got {x!r}.") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise InputError(f"{what} must be finite; got {x!r}.")
+    return value
+
+
+def _scores(scores: Any, length: int, what: str) -> np.ndarray:
+    try:
+        s = np.asarray(scores, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise InputError(f"{what}: need {length} numbers; got {type(scores).__name__}.") from None
+    if s.shape != (length,) or not np.isfinite(s).all():
+        raise InputError(f"{what}: need {length} finite numbers; got shape {s.shape}"
+                         f"{'' if s.shape != (length,) else ' with a NaN or infinity'}.")
+    return s
 
 
 def prompt_tokens(model: Any, inputs: Mapping[str, Any]) -> tuple[int, int]:

@@ -67,8 +67,9 @@ def block_influence(profile: LayerProfile, modality: str = "all") -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------ Gromov et al.
-def angular_distance(model: nn.Module, batches: Batches, n: int = 1) -> np.ndarray:
-    """Angular distance of blocks of ``n`` layers, ``[n_layers - n + 1]``.
+def angular_distance(model: nn.Module, batches: Batches, n: int = 1, *, per_sample: bool = False) -> np.ndarray:
+    """Angular distance of blocks of ``n`` layers, ``[n_layers - n + 1]`` (``per_sample=True``: one row per
+    sample, ``[n_samples, n_layers - n + 1]``, in the order of the batches; their mean is the default).
 
     Gromov et al. 2024, "The Unreasonable Ineffectiveness of the Deeper Layers", arXiv:2403.17887:
     ``d(x^l, x^{l+n}) = (1/pi) arccos( <x_l^T, x_{l+n}^T> / (|x_l^T| |x_{l+n}^T|) )``, in [0, 1], where
@@ -81,7 +82,7 @@ def angular_distance(model: nn.Module, batches: Batches, n: int = 1) -> np.ndarr
     L = bb.n_layers
     if not 1 <= n <= L:
         raise InputError(f"block size n must be in [1, {L}]; got {n}.")
-    total, count = torch.zeros(L - n + 1, dtype=torch.float64), 0
+    total, count, rows_out = torch.zeros(L - n + 1, dtype=torch.float64), 0, []
     for inputs, layout in iter_batches(bb, batches):
         rows = torch.arange(layout.batch, device=layout.kinds.device)
         states: dict[int, torch.Tensor] = {}
@@ -97,26 +98,34 @@ def angular_distance(model: nn.Module, batches: Batches, n: int = 1) -> np.ndarr
         angle = 2 * torch.atan2((a - b).norm(dim=-1), (a + b).norm(dim=-1)) / math.pi
         total += angle.sum(0).cpu()
         count += layout.batch
-    return (total / count).numpy()
+        rows_out.append(angle.cpu())
+    return torch.cat(rows_out).numpy() if per_sample else (total / count).numpy()
 
 
 # -------------------------------------------------------------------------------------- ShortV
 
-def _kl_per_variant(bb: Backbone, batches, variants: list[dict]) -> np.ndarray:
+def _kl_per_variant(bb: Backbone, batches, variants: list[dict], per_sample: bool = False) -> np.ndarray:
     """``E KL(P_full || P_variant)`` of the last-token distribution for each variant (a dict of
-    ``pre=``/``post=`` hooks for :func:`last_logprobs`), averaged over samples holding vision tokens; nats."""
+    ``pre=``/``post=`` hooks for :func:`last_logprobs`), averaged over samples holding vision tokens; nats.
+    ``per_sample=True``: the KLs themselves, ``[n_samples with vision tokens, len(variants)]``."""
     total, n = torch.zeros(len(variants), dtype=torch.float64), torch.zeros((), dtype=torch.float64)
+    rows: list[torch.Tensor] = []
     for inputs, layout in iter_batches(bb, batches):
         if not layout.has_vision:
             continue
         has = (layout.n_vision > 0).double()
         base = last_logprobs(bb, inputs, layout)
-        for i, hooks in enumerate(variants):
-            total[i] += (_kl(base, last_logprobs(bb, inputs, layout, **hooks)) * has.to(base.device)).sum().cpu()
+        kls = torch.stack([_kl(base, last_logprobs(bb, inputs, layout, **hooks)) for hooks in variants], -1)
+        total += (kls * has.to(base.device)[:, None]).sum(0).cpu()
         n += has.sum().cpu()
+        rows.append(kls[(layout.n_vision > 0).to(kls.device)].cpu())
+    if per_sample:
+        _mean(total, n, "vision tokens")  # the same error when no sample holds vision tokens
+        return torch.cat(rows).numpy()
     return _mean(total, n, "vision tokens")
 
-def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int] | None = None) -> np.ndarray:
+def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int] | None = None, *,
+                       per_sample: bool = False) -> np.ndarray:
     """ShortV layer contribution ``LC_l = E_x KL(P_full(. | x) || P_l(. | x))``, ``[len(layers)]``.
 
     Yuan et al. 2025, "ShortV: Efficient Multimodal Large Language Models by Freezing Visual Tokens in
@@ -125,6 +134,8 @@ def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int]
     output to its input; text rows are updated as usual). Averaged over samples holding vision tokens;
     in nats. ShortV freezes vision tokens in the layers with the smallest LC. The last layer's LC is 0
     by construction (no later layer reads its vision rows). One extra forward per layer and batch.
+    ``per_sample=True``: the KL of each sample holding vision tokens, ``[n_samples, len(layers)]`` (batch
+    order; its mean over samples is the default).
     """
     bb = Backbone.of(model)
     layers = list(range(bb.n_layers)) if layers is None else [int(l) for l in layers]
@@ -133,7 +144,7 @@ def layer_contribution(model: nn.Module, batches: Batches, layers: Sequence[int]
             return torch.where(layout.vision[..., None], x_in, x_out) if l == target else None
         return {"post": hook}
 
-    return _kl_per_variant(bb, batches, [freeze(t) for t in layers])
+    return _kl_per_variant(bb, batches, [freeze(t) for t in layers], per_sample)
 
 
 # ----------------------------------------------------------------------------------------- VTW
@@ -158,7 +169,8 @@ def _withdraw_vision(kwargs: dict, layout: BatchLayout) -> dict:
     return dict(kwargs, attention_mask=_mask_like(allowed & ~cut, mask))
 
 
-def vtw_kl(model: nn.Module, batches: Batches, ks: Sequence[int] | None = None) -> np.ndarray:
+def vtw_kl(model: nn.Module, batches: Batches, ks: Sequence[int] | None = None, *,
+           per_sample: bool = False) -> np.ndarray:
     """Visual-token-withdrawal KL ``E_x KL(P_full || P_k)`` for each withdrawal layer ``k`` in ``ks``
     (default ``0..n_layers``; ``k = n_layers`` withdraws nothing, so its KL is 0).
 
@@ -168,7 +180,8 @@ def vtw_kl(model: nn.Module, batches: Batches, ks: Sequence[int] | None = None) 
     attention mask it receives so text (and sink) queries cannot attend vision keys. This is a
     *measurement*: the vision rows are still computed, so nothing is faster; the skip engine
     (:mod:`skipit_core.skip`) removes the rows. Averaged over samples holding vision tokens; nats.
-    VTW withdraws from the smallest ``k`` whose KL is below a threshold.
+    VTW withdraws from the smallest ``k`` whose KL is below a threshold. ``per_sample=True``: the KL of
+    each sample holding vision tokens, ``[n_samples, len(ks)]`` (batch order; its mean is the default).
     """
     bb = Backbone.of(model)
     ks = list(range(bb.n_layers + 1)) if ks is None else [int(k) for k in ks]
@@ -177,7 +190,7 @@ def vtw_kl(model: nn.Module, batches: Batches, ks: Sequence[int] | None = None) 
             return _withdraw_vision(kwargs, layout) if l >= k else None
         return {"pre": hook}
 
-    return _kl_per_variant(bb, batches, [withdraw(k) for k in ks])
+    return _kl_per_variant(bb, batches, [withdraw(k) for k in ks], per_sample)
 
 
 # --------------------------------------------------------------------------------------- FastV
@@ -193,6 +206,12 @@ class FastVScores:
     query: str
     scores: list[np.ndarray]
     positions: list[np.ndarray]
+
+    @property
+    def mass(self) -> np.ndarray:
+        """``[n_samples]``: per sample, the attention the vision tokens receive in this layer, summed over them,
+        ``sum_j s_j`` (with ``query="all"``: the mean over queries of the attention mass on vision keys)."""
+        return np.array([float(s.sum()) for s in self.scores])
 
     @property
     def ranking(self) -> list[np.ndarray]:

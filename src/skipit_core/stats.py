@@ -213,3 +213,79 @@ def holm(p_values) -> np.ndarray:
     out = np.empty(m)
     out[order] = stepped
     return out
+
+
+# ------------------------------------------------------------------ rank agreement over images (bootstrap)
+__all__ += ["bootstrap_spearman", "SpearmanCI"]
+
+
+@dataclass(frozen=True)
+class SpearmanCI:
+    """Result of :func:`bootstrap_spearman`: the Spearman correlation ``estimate`` of the two per-layer
+    profiles, its percentile bootstrap interval ``[low, high]`` at ``confidence``, the number ``n`` of images
+    resampled, the number of resamples ``n_boot`` and ``n_undefined``, how many of them gave a constant
+    profile (no rank correlation; left out of the interval)."""
+
+    estimate: float
+    low: float
+    high: float
+    confidence: float
+    n: int
+    n_boot: int
+    n_undefined: int
+
+    def __str__(self) -> str:
+        return f"{self.estimate:.3f} [{self.low:.3f}, {self.high:.3f}] (n={self.n}, {self.n_boot} resamples)"
+
+
+def _row_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman correlation of each row of ``a [R, L]`` with the same row of ``b [R, L]`` (average ranks for
+    ties, as ``scipy.stats.spearmanr``); NaN where a row is constant."""
+    ra, rb = stats.rankdata(a, axis=1), stats.rankdata(b, axis=1)
+    ra, rb = ra - ra.mean(1, keepdims=True), rb - rb.mean(1, keepdims=True)
+    den = np.sqrt((ra * ra).sum(1) * (rb * rb).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (ra * rb).sum(1) / np.where(den > 0, den, 1.0), np.nan)
+
+
+def bootstrap_spearman(a, b, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0) -> SpearmanCI:
+    """Spearman rank correlation across layers of two per-layer scores, with a bootstrap over images.
+
+    ``a`` and ``b`` are per-image, per-layer scores ``[n, L]`` (row ``i`` = image ``i``, the same images in
+    both), or one of them a fixed per-layer vector ``[L]`` (a score that exists only as an average; it is
+    then not resampled). The statistic is ``rho = spearmanr(mean_i a[i], mean_i b[i])``, the rank
+    correlation of the two layer profiles ``[L]``. Each of ``n_boot`` resamples draws ``n`` images with
+    replacement, the same rows from ``a`` and ``b`` (the pairing is kept: a resample is a new set of
+    images scored by both), and recomputes ``rho``; the interval is the ``(1 -+ confidence) / 2``
+    percentiles of the resampled values (Efron & Tibshirani 1993, ch. 13). Images, not layers, are the
+    independent units: the ``L`` layer scores of one image are not independent. Resamples in which a
+    profile is constant have no rank correlation and are left out (counted in ``n_undefined``).
+    """
+    A, B = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if A.ndim not in (1, 2) or B.ndim not in (1, 2) or A.ndim + B.ndim < 3:
+        raise InputError(f"bootstrap_spearman needs per-image scores [n, L] for a and b (or one of them a fixed "
+                         f"per-layer vector [L]); got shapes {A.shape} and {B.shape}.")
+    if A.shape[-1] != B.shape[-1] or A.shape[-1] < 2:
+        raise InputError(f"a and b must score the same layers (at least 2); got {A.shape[-1]} and {B.shape[-1]}.")
+    if A.ndim == B.ndim == 2 and A.shape[0] != B.shape[0]:
+        raise InputError(f"a and b must hold the same images (rows); got {A.shape[0]} and {B.shape[0]}. Score the "
+                         "same images with both measures.")
+    if not (np.isfinite(A).all() and np.isfinite(B).all()):
+        raise InputError("a and b must be finite (a NaN or infinite score cannot be ranked).")
+    if not isinstance(n_boot, (int, np.integer)) or n_boot < 1 or not 0 < confidence < 1:
+        raise InputError(f"need an integer n_boot >= 1 and 0 < confidence < 1; got {n_boot!r}, {confidence!r}.")
+    n = A.shape[0] if A.ndim == 2 else B.shape[0]
+    if n < 2:
+        raise InputError(f"a bootstrap over images needs at least 2 images; got {n}.")
+    profile_a, profile_b = (x.mean(0) if x.ndim == 2 else x for x in (A, B))
+    estimate = float(_row_spearman(profile_a[None], profile_b[None])[0])
+    rng = np.random.default_rng(seed)
+    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot) / n  # [n_boot, n]: resampled image counts
+    # [n_boot, L]: each resample's layer profile (a fixed vector stays the same in every resample)
+    boot_a, boot_b = (weights @ x if x.ndim == 2 else np.broadcast_to(x, (n_boot, x.shape[0])) for x in (A, B))
+    rho = _row_spearman(boot_a, boot_b)
+    ok = rho[np.isfinite(rho)]
+    tail = (1.0 - confidence) / 2.0
+    low, high = (np.quantile(ok, [tail, 1.0 - tail]) if ok.size else (np.nan, np.nan))
+    return SpearmanCI(estimate, float(low), float(high), float(confidence), int(n), int(n_boot),
+                      int(n_boot - ok.size))

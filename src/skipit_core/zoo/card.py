@@ -24,7 +24,7 @@ from ..capture import profile
 from ..tasks import DigitScenes, batches, build_prompts, encode, evaluate
 from . import load_tiny_vlm
 from .build import prompt_layout
-from .train import TrainConfig
+from .train import TrainConfig, training_records
 
 __all__ = ["EVAL_BATCH_SIZE", "evaluation", "redundancy", "write_card", "portable", "main"]
 
@@ -174,11 +174,7 @@ def write_card(path: str | Path, batch_size: int = EVAL_BATCH_SIZE, *, evaluate:
         for r in ev["by_family"])
     size = sum(f.stat().st_size for f in path.glob("*.safetensors"))
     name = path.name
-    chain, t = [], tr
-    while t:
-        chain.append(t)
-        t = t.get("previous")
-    chain.reverse()
+    chain = training_records(path)
     vp = (chain[0].get("vision_pretrain") if chain else None) or {}
     commands = "\n".join(portable(str(c.get("command")), name) for c in chain) or "(training.json missing)"
     total_wall = sum(c.get("wall_time_s", 0.0) for c in chain)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import transformers
 from tqdm.auto import tqdm
@@ -58,7 +59,7 @@ from ..utils import set_seed
 from .build import ARCHS, LAYOUTS, SIZES, ModelSize, answer_cue, build, load_processor, prompt_layout, save_processor
 
 __all__ = ["TrainConfig", "train", "optimise", "model_parts", "pretrain_vision", "align", "finetune", "main",
-           "cell_labels", "TARGET_CLASSES"]
+           "cell_labels", "TARGET_CLASSES", "run_stages", "validation_set", "training_records", "validation_curve"]
 
 
 def _help(text: str, **extra) -> dict:
@@ -535,6 +536,42 @@ def _save(model, processor, cfg: TrainConfig, history: dict, previous, out: Path
         loss_every_50=[round(float(np.mean(loss[i:i + 50])), 4) for i in range(0, len(loss), 50)],
     )
     (out / "training.json").write_text(json.dumps(meta, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------- reading a record
+def training_records(folder: str | Path) -> list[dict]:
+    """The ``training.json`` of a model folder and of every run it continued (its ``previous`` chain),
+    oldest first; ``[]`` when the folder has none."""
+    file = Path(folder) / "training.json"
+    record = json.loads(file.read_text()) if file.exists() else None
+    chain = []
+    while record:
+        chain.append(record)
+        record = record.get("previous")
+    return chain[::-1]
+
+
+def validation_curve(records: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Every validation logged during training (:func:`training_records`'s runs, oldest first), one row
+    each: ``run`` (1-based), ``stage`` (``align`` / ``full``; ``full`` in files that did not say),
+    ``step`` within its stage, ``total_steps`` (optimiser steps of stages 2-3 since the first run began),
+    ``accuracy``, ``n`` (validation questions: ``val_per_family`` x 7 families; NaN in files that did not
+    record it), ``train_time_s`` (training
+    time since the run began, stage 1 included, validation excluded; NaN in files written before it was
+    logged) and one column per question family."""
+    rows, done = [], 0
+    for run, record in enumerate(records, start=1):
+        cfg = TrainConfig.from_dict(record)
+        align_steps = (record.get("align") or {}).get("steps", 0)
+        n = cfg.val_per_family * len(QUESTION_FAMILIES) if "val_per_family" in record else np.nan
+        for v in record.get("validation", []):
+            stage = v.get("stage", "full")
+            rows.append(dict(run=run, stage=stage, step=v["step"],
+                             total_steps=done + v["step"] + (align_steps if stage == "full" else 0),
+                             accuracy=v["accuracy"], n=n,
+                             train_time_s=v.get("train_time_s", np.nan), **v.get("by_family", {})))
+        done += align_steps + cfg.steps
+    return pd.DataFrame(rows)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
