@@ -606,6 +606,7 @@ def test_card_of_a_new_model_says_its_layout_recipe_and_redundancy(tmp_path):
     card = write_card(folder, evaluate=False).read_text()
     s = pilot["summary"]
     assert "side-by-side pilot" in card and "1 projector-only + 1 full steps against 2 full steps" in card
+    assert "sibling architecture" not in card  # a llava pilot for a llava model
     assert f"{100 * s['with']['accuracy']:.1f}% [{100 * s['with']['ci_low']:.1f}%" in card
     assert f"difference {100 * s['difference']:+.1f} points" in card
 

@@ -137,7 +137,9 @@ def _pilot_text(chain: list[dict], pilot: dict | None) -> str:
     s, cfg = pilot["summary"], pilot["config"]
     runs = pilot["runs"]
     fmt = lambda r: f"{_pct(r['accuracy'])} [{_pct(r['ci_low'])}, {_pct(r['ci_high'])}]"  # noqa: E731
-    return (f"{head}. Measured in a side-by-side pilot (`stage2_pilot.json`; `{pilot.get('command')}`): one "
+    arch = chain[-1].get("arch") if chain else None
+    where = "" if cfg["arch"] == arch else f", run on the sibling architecture {cfg['arch']}, not on {arch} itself"
+    return (f"{head}. Measured in a side-by-side pilot (`stage2_pilot.json`{where}; `{pilot.get('command')}`): one "
             f"stage-1 encoder, then {runs['with']['align_steps']} projector-only + {runs['with']['steps']} full steps "
             f"against {runs['without']['steps']} full steps ({cfg['arch']}, batch {cfg['batch_size']}, "
             f"{cfg['turns']}-turn conversations). Validation accuracy (n = {s['n']}, Wilson 95%): "
