@@ -4,7 +4,9 @@
 split of the digit pool. Answers are balanced within each family: the answer is drawn first, uniformly
 over the family's answer set (exactly balanced, up to one item, in :meth:`DigitScenes.generate`), and
 the scene is built to make it true. The frozen test split (``data/digitscenes/test.{npz,jsonl}``) is
-what :meth:`DigitScenes.make_test_set` generates from its seed.
+what :meth:`DigitScenes.make_test_set` generates from its seed. Real benchmarks: :func:`load_pope` (yes/no
+object hallucination) and :func:`load_scienceqa` (ScienceQA's image questions, multiple choice answered by
+the option's letter), each from rows, a local ``.jsonl`` or the hub through ``datasets``.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from PIL import Image
 
 from ..errors import InputError, SkipitError
 from ..paths import data_dir
-from .scenes import CANVAS, GRID, NOISE, QUESTION_FAMILIES, digit_pool, question_family, render_scene
+from .scenes import ANSWERS, CANVAS, GRID, NOISE, QUESTION_FAMILIES, digit_pool, question_family, render_scene
 
-__all__ = ["VQASet", "DigitScenes", "test_set_path", "load_pope", "normalize_answer", "TEST_SEED", "TEST_PER_FAMILY"]
+__all__ = ["VQASet", "DigitScenes", "test_set_path", "load_pope", "load_scienceqa", "normalize_answer", "TEST_SEED",
+           "TEST_PER_FAMILY"]
 
 TEST_SEED = 20260101  # the seed the frozen test file was generated with
 TEST_PER_FAMILY = 120
@@ -123,6 +126,26 @@ class VQASet:
             images = [_blank_like(img) for img in self.images]
         return VQASet(images, list(self.questions), list(self.answers), list(self.families),
                       [dict(m, blank=True) for m in self.meta], self.name + "-blank")
+
+    def chance(self) -> float:
+        """The accuracy of uniform guessing among each item's possible answers, averaged over items:
+        ``1 / len(meta["choices"])`` for a multiple-choice item (:func:`load_scienceqa`), ``1/2`` for a yes/no
+        item, ``1 / |answers of its family|`` for a DigitScenes item (the default digit counts); items of
+        other kinds raise :class:`InputError` (give them ``choices`` in ``meta``)."""
+        levels = []
+        for i, (family, answer, meta) in enumerate(zip(self.families, self.answers, self.meta)):
+            if meta.get("choices"):
+                levels.append(1 / len(meta["choices"]))
+            elif family in ANSWERS:
+                levels.append(1 / len(ANSWERS[family]))
+            elif answer in ("yes", "no"):
+                levels.append(1 / 2)
+            else:
+                raise InputError(f"item {i} ({family!r}): its possible answers are unknown; put them in "
+                                 f"meta['choices'].")
+        if not levels:
+            raise InputError("chance of an empty set: there are no items.")
+        return float(np.mean(levels))
 
     def family_names(self) -> list[str]:
         """The families present: DigitScenes' in table order, then any others sorted."""
@@ -309,15 +332,64 @@ def load_pope(source: str | os.PathLike | Iterable[Mapping[str, Any]] = "lmms-la
     return VQASet(images, questions, answers, families, meta, "pope")
 
 
-def _pope_rows(source, split: str) -> tuple[Iterable[Mapping[str, Any]], Path | None]:
-    """The rows of a POPE source and the folder relative image paths start from."""
+#: option letters of ScienceQA's multiple-choice questions (at most five choices)
+OPTION_LETTERS = "ABCDE"
+
+
+def load_scienceqa(source: str | os.PathLike | Iterable[Mapping[str, Any]] = "derek-thomas/ScienceQA",
+                   split: str = "validation", limit: int | None = None,
+                   prompt_suffix: str = " Answer with the option's letter.", subject: str | None = None) -> VQASet:
+    """ScienceQA-IMG (the ScienceQA questions that come with an image) as a :class:`VQASet`.
+
+    ``source``: an iterable of dict rows with ScienceQA's schema (``image``: PIL image, array, file path, or
+    ``None`` for the text-only questions, which are skipped; ``question``; ``choices``: 2 to 5 strings;
+    ``answer``: the index of the right choice; optional ``hint`` (the context) and ``subject``, used as the
+    family), a local ``.jsonl`` of such rows (image paths relative to the file), or a hub name loaded with
+    ``datasets.load_dataset(source, split=split)``. Each item's question is the hint, the question and the
+    lettered options (``A. ...``), one per line, then ``prompt_suffix``; its single-token answer is the right
+    option's letter (``"a"`` ... after :func:`normalize_answer`). ``limit`` counts kept (image) items.
+    """
+    rows, base = _pope_rows(source, split, "ScienceQA")
+    images, questions, answers, families, meta = [], [], [], [], []
+    for i, row in enumerate(rows):
+        if limit is not None and len(questions) >= limit:
+            break
+        for key in ("question", "choices", "answer"):
+            if key not in row:
+                raise InputError(f"row {i} lacks `{key}`; ScienceQA rows need image, question, choices and answer "
+                                 f"(got keys {sorted(row)}).")
+        if row.get("image") is None or (subject is not None and row.get("subject") != subject):
+            continue
+        choices = [str(c) for c in row["choices"]]
+        answer = row["answer"]
+        if not 2 <= len(choices) <= len(OPTION_LETTERS):
+            raise InputError(f"row {i}: {len(choices)} choices; ScienceQA questions have 2 to "
+                             f"{len(OPTION_LETTERS)}.")
+        if isinstance(answer, bool) or not isinstance(answer, (int, np.integer)) or not 0 <= answer < len(choices):
+            raise InputError(f"row {i}: answer must be the index of the right choice (0..{len(choices) - 1}); "
+                             f"got {answer!r}.")
+        options = "\n".join(f"{OPTION_LETTERS[k]}. {c}" for k, c in enumerate(choices))
+        hint = str(row.get("hint") or "").strip()
+        text = "\n".join(part for part in (hint, str(row["question"]).strip(), options) if part)
+        images.append(_as_image(row["image"], base))
+        questions.append(text + prompt_suffix)
+        answers.append(normalize_answer(OPTION_LETTERS[int(answer)]))
+        families.append(str(row.get("subject") or "scienceqa"))
+        meta.append(dict(choices=choices, **{k: row[k] for k in ("id", "grade", "topic", "category") if k in row}))
+    if not questions:
+        raise InputError("no ScienceQA image rows were read; check the source, split and subject.")
+    return VQASet(images, questions, answers, families, meta, "scienceqa-img")
+
+
+def _pope_rows(source, split: str, what: str = "POPE") -> tuple[Iterable[Mapping[str, Any]], Path | None]:
+    """The rows of a POPE (or ScienceQA: ``what``) source and the folder relative image paths start from."""
     if not isinstance(source, (str, os.PathLike)):
         return source, None
     p = Path(source)
     if p.suffix == ".jsonl" and p.exists():
         return [json.loads(line) for line in open(p) if line.strip()], p.parent
     if p.exists():
-        raise InputError(f"{p} is not a .jsonl file of POPE rows; give a .jsonl, an iterable of dicts, "
+        raise InputError(f"{p} is not a .jsonl file of {what} rows; give a .jsonl, an iterable of dicts, "
                          "or a hub name.")
     try:
         import datasets as hf_datasets
