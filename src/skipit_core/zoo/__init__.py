@@ -363,8 +363,9 @@ class Requirements:
 
     def seconds(self, n_samples: int, flops_per_second: float) -> float:
         """Time for ``n_samples`` prefills at ``flops_per_second``: ``n_samples x prefill_flops / rate``.
-        With the rate of a dense matmul (:func:`matmul_rate`), an optimistic estimate: a forward pass
-        reaches a fraction of it."""
+        With the rate of a dense matmul (:func:`matmul_rate`), a rough estimate that can err either way:
+        the forward pass also runs work the FLOP count leaves out, and may reach another rate than one
+        matmul measured once (other threads, another load on the machine)."""
         if not flops_per_second > 0:
             raise InputError(f"flops_per_second must be positive; got {flops_per_second!r}.")
         return n_samples * self.prefill_flops / flops_per_second
@@ -434,8 +435,8 @@ def requirements(model_id, inputs=None, *, n_vision: int | None = None, n_text: 
 
 def matmul_rate(device: str | torch.device = "cpu", dtype=torch.float32, size: int = 512, repeats: int = 5) -> float:
     """FLOP/s of one dense ``size x size`` matmul on ``device`` in ``dtype`` (the median of ``repeats``
-    timed runs after one warm-up; ``2 size^3`` FLOPs each): the rate a model's matmuls reach at best, so
-    :meth:`Requirements.seconds` with it is an optimistic estimate. A timing: never checked as output."""
+    timed runs after one warm-up; ``2 size^3`` FLOPs each), the rate :meth:`Requirements.seconds` turns
+    FLOPs into seconds with. A timing of the machine as it is now: never checked as output."""
     device = check_device(str(device))
     if not isinstance(size, int) or size < 1 or not isinstance(repeats, int) or repeats < 1:
         raise InputError(f"size and repeats must be positive integers; got {size!r}, {repeats!r}.")
