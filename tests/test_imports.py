@@ -18,7 +18,7 @@ LAYERS = (
     {"theory", "capture"},
     {"measures", "band", "distributed", "bench", "tasks.scenes", "tasks.datasets", "tasks.evaluation", "tasks",
      "tasks.__main__", "plotting"},
-    {"zoo.build", "zoo", "zoo.train", "zoo.card"},
+    {"zoo.build", "zoo", "zoo.train", "zoo.card", "zoo.pilot"},
     {"cli", ""},
 )
 #: imports allowed inside functions: optional packages, and torch in the torch-free ``utils``
