@@ -83,7 +83,7 @@ def pilot_summary(record: dict, confidence: float = 0.95) -> dict:
         low, high = wilson_interval(k, n, confidence)
         minutes = last["train_time_s"] / 60
         out[name] = dict(accuracy=last["accuracy"], ci_low=float(low), ci_high=float(high),
-                         train_minutes=round(minutes, 2), accuracy_per_minute=round(last["accuracy"] / minutes, 4))
+                         train_minutes=round(minutes, 2), accuracy_per_minute=round(last["accuracy"] / minutes, 4) if minutes > 0 else float("nan"))
     out["difference"] = round(out["with"]["accuracy"] - out["without"]["accuracy"], 4)
     return out
 
