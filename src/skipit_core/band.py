@@ -55,7 +55,7 @@ from .skip import SkipPlan
 from .stats import clopper_pearson
 from .tasks.datasets import VQASet
 from .tasks.evaluation import batches as task_batches
-from .theory import LipschitzEstimate, lipschitz_estimate
+from .theory import LipschitzEstimate, lipschitz_estimate, pool_estimates
 
 __all__ = ["BandRule", "DEFAULT_RULE", "BandPrediction", "predict_band", "band_lipschitz",
            "empirical_bernstein_upper", "BandStudy", "profile_and_predict"]
@@ -300,7 +300,7 @@ def band_lipschitz(model: nn.Module, batches: Iterable[Mapping] | Mapping, *, la
         top = run_forward(bb, inputs, layout, logits=True).argmax(-1)
         for l in chosen:
             per_layer[l].append(_layer_lipschitz(bb, inputs, layout, l, top, n_random, step, seed))
-    return [_pool(per_layer[l]) for l in chosen]
+    return [pool_estimates(per_layer[l]) for l in chosen]
 
 
 def _layer_lipschitz(bb: Backbone, inputs: dict, layout, l: int, top: torch.Tensor, n_random: int, step: float,
@@ -329,17 +329,6 @@ def _layer_lipschitz(bb: Backbone, inputs: dict, layout, l: int, top: torch.Tens
 
     directions = skip_dir if bool((skip_dir.flatten(1).norm(dim=1) > 0).all()) else None
     return lipschitz_estimate(score, x_hat, directions=directions, n_random=n_random, step=step, seed=seed)
-
-
-def _pool(parts: list[LipschitzEstimate]) -> LipschitzEstimate:
-    if len(parts) == 1:
-        return parts[0]
-    per_sample = np.concatenate([p.per_sample for p in parts])
-    given = [p.along_given for p in parts if p.along_given is not None]
-    level = parts[0].level
-    return replace(parts[0], max=float(per_sample.max()), quantile=float(np.quantile(per_sample, level)),
-                   along_given=max(given) if given else None, per_sample=per_sample,
-                   ratios=np.concatenate([p.ratios for p in parts]))
 
 
 # ------------------------------------------------------------------------- profile, estimate, predict

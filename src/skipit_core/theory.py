@@ -748,10 +748,10 @@ def skip_lipschitz(model: nn.Module, batches: Iterable[Mapping] | Mapping, *, la
             given = skip_dir if bool((skip_dir.flatten(1).norm(dim=1) > 0).all()) else None
             parts[l].append(lipschitz_estimate(score, x_hat, directions=given, n_random=n_random, step=step,
                                                seed=seed))
-    return [_pool_estimates(parts[l]) for l in chosen]
+    return [pool_estimates(parts[l]) for l in chosen]
 
 
-def _pool_estimates(parts: list[LipschitzEstimate]) -> LipschitzEstimate:
+def pool_estimates(parts: list[LipschitzEstimate]) -> LipschitzEstimate:
     """One :class:`LipschitzEstimate` from the estimates of several batches (samples concatenated). A batch
     whose skip direction was left out (a vision row that did not move) gets NaN in the given column."""
     if len(parts) == 1:
