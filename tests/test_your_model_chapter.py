@@ -284,25 +284,8 @@ def _run_chapter(tmp_path: Path, **parameters) -> str:
                      for c in cells for o in c.get("outputs", []) if o.get("output_type") == "stream")
 
 
-GEMMA3_ENCODE = pytest.mark.xfail(
-    strict=True, raises=Exception,
-    reason="tasks.encode passes the images as one flat list; Gemma3Processor reads a flat list as all images of "
-           "the first prompt and refuses the batch (a list per prompt, [[image] for image in images], works "
-           "for all 9 processors and gives the same inputs for the other 8)")
-
-
-PALIGEMMA_LABELS = pytest.mark.xfail(
-    strict=True, raises=Exception,
-    reason="PaliGemmaProcessor always returns `labels` (all -100 without a suffix); tasks.encode passes them on, so "
-           "the model computes a loss, which fails under logits_to_keep=1 (target length != 1); encode should drop "
-           "`labels`, which scoring never needs")
-KNOWN = {"gemma3": GEMMA3_ENCODE,
-         "paligemma": pytest.mark.xfail(reason="FAILS on a clean clone at 2026-12-03 12:00 (not investigated; "
-                                        "open defect, see the stop note)")}
-
-
 @pytest.mark.book
-@pytest.mark.parametrize("name", [pytest.param(n, marks=KNOWN[n]) if n in KNOWN else n for n in FAMILIES])
+@pytest.mark.parametrize("name", FAMILIES)
 def test_chapter_runs_on_a_saved_checkpoint_of_every_class(name, tmp_path):
     folder = save_checkpoint(name, tmp_path / name)
     printed = _run_chapter(tmp_path, model_id=str(folder))
@@ -314,8 +297,6 @@ def test_chapter_runs_on_a_saved_checkpoint_of_every_class(name, tmp_path):
 
 
 @pytest.mark.book
-@pytest.mark.xfail(reason="OPEN DEFECT: quick mode profiles too few items on the POPE / ScienceQA fixtures: "
-                          "InputError 'the empirical Bernstein bound needs at least 2 samples per layer'")
 @pytest.mark.parametrize("dataset, source", [("pope", FIXTURES / "pope" / "pope.jsonl"),
                                              ("scienceqa", FIXTURES / "scienceqa" / "scienceqa.jsonl")])
 def test_chapter_runs_on_the_other_datasets(dataset, source, tmp_path):

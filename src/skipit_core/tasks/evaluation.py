@@ -60,9 +60,14 @@ def encode(processor, data: VQASet, start: int = 0, stop: int | None = None,
            texts: Sequence[str] | None = None):
     """Processor inputs (``return_tensors='pt'``, left padding) for items ``start:stop`` of ``data``:
     their one-question prompts, or the given ``texts`` (one per item, e.g. whole conversations).
-    ``input_ids`` / ``attention_mask`` are ``[B, T]``; Qwen processors also give ``mm_token_type_ids``."""
+    ``input_ids`` / ``attention_mask`` are ``[B, T]``; Qwen processors also give ``mm_token_type_ids``.
+
+    Images go in as one list per prompt (``[[image], ...]``): Gemma3's processor reads a flat list as
+    all the images of the first prompt; the other supported processors accept both forms. PaliGemma's
+    ``labels`` (all -100 without a suffix) are dropped: scoring never needs them, and the model would
+    compute a loss that fails under ``logits_to_keep=1``."""
     stop = len(data) if stop is None else stop
-    images = [data.image(i) for i in range(start, stop)]
+    images = [[data.image(i)] for i in range(start, stop)]
     prompts = build_prompts(processor, data.questions[start:stop]) if texts is None else list(texts)
     tok = getattr(processor, "tokenizer", None)
     old = getattr(tok, "padding_side", None)
@@ -73,6 +78,7 @@ def encode(processor, data: VQASet, start: int = 0, stop: int | None = None,
     finally:
         if tok is not None and old is not None:
             tok.padding_side = old
+    inputs.pop("labels", None)
     if "mm_token_type_ids" not in inputs and "image_grid_thw" in inputs:
         # Qwen processors that did not return it: build it from the image token (what Backbone needs)
         image_id = processor.tokenizer.convert_tokens_to_ids(getattr(processor, "image_token", "<|image_pad|>"))
