@@ -218,6 +218,23 @@ def test_requirements_of_a_bundled_model_from_its_config():
     assert type(sk.zoo.load_config("digits-llava")).__name__ == "LlavaConfig"
 
 
+def test_published_configs_have_the_published_parameter_counts():
+    """LLaVA-1.5-7B written out from its config.json: 7,063,427,072 parameters, the count of the published
+    safetensors (llava-hf/llava-1.5-7b-hf), 32 decoder layers of d = 4096 and 576 vision tokens per image;
+    Qwen2-VL-7B-Instruct: 8,291,375,616 parameters, 28 layers, 4 key-value heads."""
+    config = sk.zoo.published_config("llava-hf/llava-1.5-7b-hf")
+    meta = sk.zoo.meta_model(config)
+    assert sum(p.numel() for p in meta.parameters()) == 7_063_427_072
+    bb = sk.Backbone.of(meta)
+    assert (bb.n_layers, bb.hidden_size) == (32, 4096)
+    assert (config.vision_config.image_size // config.vision_config.patch_size) ** 2 == 576
+    qwen = sk.zoo.meta_model(sk.zoo.published_config("Qwen/Qwen2-VL-7B-Instruct"))  # 8,291,375,616 published
+    assert sum(p.numel() for p in qwen.parameters()) == 8_291_375_616
+    assert (sk.Backbone.of(qwen).n_layers, sk.Backbone.of(qwen).n_kv_heads) == (28, 4)
+    with pytest.raises(InputError, match="load_config"):
+        sk.zoo.published_config("llava-hf/llava-1.5-13b-hf")
+
+
 def test_requirements_refuse_bad_input():
     config = tv.make("llava").model.config
     with pytest.raises(InputError, match="inputs"):

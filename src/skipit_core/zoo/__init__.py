@@ -57,7 +57,7 @@ from .build import has_torchvision, load_processor
 
 __all__ = ["MODELS", "data_dir", "model_path", "load_tiny_vlm", "load_vlm", "resolve_model", "ModelSource",
            "load_config", "load_vlm_processor", "folder_processor", "images_only", "meta_model", "Requirements",
-           "requirements", "matmul_rate"]
+           "requirements", "matmul_rate", "PUBLISHED_CONFIGS", "published_config"]
 
 MODELS = ("digits-llava", "digits-qwen2vl")
 
@@ -304,6 +304,43 @@ def load_vlm_processor(model_id: str | os.PathLike = "digits-llava"):
     if isinstance(where, Path):
         return folder_processor(where)
     return AutoProcessor.from_pretrained(where, local_files_only=local)
+
+
+def _llava_15_7b():
+    return tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                          num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        text_config=tf.LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                   num_attention_heads=32, num_key_value_heads=32, vocab_size=32064),
+        image_token_index=32000, vision_feature_select_strategy="default", vision_feature_layer=-2)
+
+
+def _qwen2_vl_7b():
+    return tf.Qwen2VLConfig(
+        text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                         num_key_value_heads=4, vocab_size=152064,
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        vision_config=dict(depth=32, embed_dim=1280, hidden_size=3584, num_heads=16, mlp_ratio=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2))
+
+
+#: hub ids whose published ``config.json`` is written out here (sizes only; no weights, nothing downloaded)
+PUBLISHED_CONFIGS = {"llava-hf/llava-1.5-7b-hf": _llava_15_7b, "Qwen/Qwen2-VL-7B-Instruct": _qwen2_vl_7b}
+
+
+def published_config(model_id: str = "llava-hf/llava-1.5-7b-hf"):
+    """The transformers config of a published checkpoint, written out from its hub ``config.json``
+    (:data:`PUBLISHED_CONFIGS`), for sizing it offline with :func:`meta_model` / :func:`requirements`.
+
+    ``llava-hf/llava-1.5-7b-hf``: CLIP ViT-L/14 at 336 px (24 layers, d = 1024, 576 patch tokens) and a
+    Llama decoder of 32 layers, d = 4096, MLP 11008, 32 heads, vocabulary 32064; about 7.06e9 parameters.
+    ``Qwen/Qwen2-VL-7B-Instruct``: a 32-block ViT (d = 1280, patch 14, 2 x 2 merge) and a Qwen2 decoder of
+    28 layers, d = 3584, 28 query / 4 key-value heads, M-RoPE sections (16, 24, 24); about 8.29e9 parameters.
+    Where the hub is reachable, :func:`load_config` of the same id reads the real file."""
+    if model_id not in PUBLISHED_CONFIGS:
+        raise InputError(f"no published config is written out for {model_id!r}; known: "
+                         f"{', '.join(PUBLISHED_CONFIGS)}. Use load_config(model_id) where the hub is reachable.")
+    return PUBLISHED_CONFIGS[model_id]()
 
 
 def meta_model(config):
