@@ -245,7 +245,7 @@ STRATEGIES = {"Early Exit": SkipPlan.early_exit, "Late Entry": SkipPlan.late_ent
 
 
 def sweep(model, processor, data: VQASet, ks: Sequence[int] | None = None, *, reference: EvalResult | None = None,
-          batch_size: int = 32, confidence: float = 0.95) -> dict[str, dict[int, EvalResult]]:
+          batch_size: int = 32, confidence: float = 0.95, progress: bool = False) -> dict[str, dict[int, EvalResult]]:
     """Early Exit(k) and Late Entry(k) scored on the same items for every ``k`` in ``ks``.
 
     Returns ``{"Early Exit": {k: EvalResult}, "Late Entry": {k: EvalResult}}`` (the keys of
@@ -255,6 +255,7 @@ def sweep(model, processor, data: VQASet, ks: Sequence[int] | None = None, *, re
     (:func:`skipit_core.stats.mcnemar_exact`). The no-op plans ``late_entry(0)`` and ``early_exit(L)``
     give bit-identical outputs (tested in ``tests/test_skip.py``), so they are not run again: they
     get ``reference`` (the unskipped :func:`evaluate` of the same ``data``, computed once when not given).
+    ``progress`` shows a tqdm bar over the plans.
     """
     L = Backbone.of(model).n_layers
     ks = list(range(L + 1)) if ks is None else [int(k) for k in ks]
@@ -265,17 +266,16 @@ def sweep(model, processor, data: VQASet, ks: Sequence[int] | None = None, *, re
     if reference is not None and (reference.n != len(data) or reference.confidence != confidence):
         raise InputError(f"reference must be the unskipped evaluate() of the same {len(data)} items at confidence "
                          f"{confidence}; got n={reference.n}, confidence {reference.confidence}.")
-    out: dict[str, dict[int, EvalResult]] = {}
-    for name, make in STRATEGIES.items():
-        out[name] = {}
-        for k in ks:
-            plan = make(k)
-            if plan.is_noop(L):
-                if reference is None:
-                    reference = evaluate(model, processor, data, batch_size=batch_size, confidence=confidence)
-                out[name][k] = reference
-            else:
-                out[name][k] = evaluate(model, processor, data, plan, batch_size=batch_size, confidence=confidence)
+    out: dict[str, dict[int, EvalResult]] = {name: {} for name in STRATEGIES}
+    todo = [(name, k) for name in STRATEGIES for k in ks]
+    for name, k in tqdm(todo, desc=f"sweep {data.name}", unit="plan", disable=not progress):
+        plan = STRATEGIES[name](k)
+        if plan.is_noop(L):
+            if reference is None:
+                reference = evaluate(model, processor, data, batch_size=batch_size, confidence=confidence)
+            out[name][k] = reference
+        else:
+            out[name][k] = evaluate(model, processor, data, plan, batch_size=batch_size, confidence=confidence)
     return out
 
 
