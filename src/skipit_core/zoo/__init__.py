@@ -25,7 +25,8 @@ torchvision; where it is missing, :func:`skipit_core.zoo.build.load_processor` a
 Before any weight is loaded, :func:`requirements` says what a checkpoint needs (weights and KV cache in
 bytes, prefill FLOPs per prompt) from its config alone, through :func:`meta_model` (the model built on
 PyTorch's meta device: shapes, no storage); :func:`load_config` and :func:`load_vlm_processor` read the
-config and the processor of any ``model_id`` :func:`load_vlm` takes.
+config and the processor of any ``model_id`` :func:`load_vlm` takes, and :func:`published_config` gives
+the configs of LLaVA-1.5-7B and Qwen2-VL-7B-Instruct without the hub.
 """
 
 from __future__ import annotations
