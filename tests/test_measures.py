@@ -211,3 +211,27 @@ def test_attention_removal_ignores_padding():
     assert left.n == right.n == 4
     for field in ("tau", "change", "bound", "output_norm"):
         assert np.allclose(getattr(left, field), getattr(right, field), rtol=1e-5, atol=1e-7), field
+
+
+def test_attention_removal_leaves_out_queries_with_a_vision_only_head(monkeypatch):
+    """A head whose float32 softmax row puts no mass on text keys (every text probability underflowed)
+    makes the text-only softmax undefined: that query is left out and counted, the others are unchanged."""
+    tiny = make("llava")
+    inputs = tiny.inputs(prompts=[(2, 3)], seed=13)
+    before = attention_removal(tiny.model, [inputs], 1)
+    original = Backbone.attention_probs
+
+    def vision_only_head(self, layer_idx, x_in, kwargs, query_idx=None):
+        probs, allowed = original(self, layer_idx, x_in, kwargs, query_idx)
+        vision = self.vision_mask(inputs["input_ids"]).to(probs.device)[0].float()  # [N]
+        row = probs[0, 0, -1] * vision  # last text query, head 0: its vision part only
+        probs = probs.clone()
+        probs[0, 0, -1] = row / row.sum()
+        return probs, allowed
+
+    monkeypatch.setattr(Backbone, "attention_probs", vision_only_head)
+    after = attention_removal(tiny.model, [inputs], 1)
+    assert before.n == 3 and before.n_left_out == 0
+    assert after.n == 2 and after.n_left_out == 1
+    for field in ("change", "bound", "output_norm"):
+        assert np.allclose(getattr(after, field), getattr(before, field)[:2], rtol=1e-6, atol=1e-9), field

@@ -7,10 +7,10 @@ import math
 import numpy as np
 import pytest
 from scipy import optimize
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
 from skipit_core.errors import InputError, NumericalError, SkipitError
-from skipit_core.information import PIDResult, mutual_information_from_table, pid, pid_from_table
+from skipit_core.information import PIDResult, _single_thread_blas, mutual_information_from_table, pid, pid_from_table
 
 H_QUARTER = -(0.25 * math.log2(0.25) + 0.75 * math.log2(0.75))  # h(1/4) = 0.8113 bits
 
@@ -173,3 +173,15 @@ def test_pid_bad_input():
         pid(np.array([0.0, np.nan]), [0, 1], [0, 1], method="gaussian")
     with pytest.raises(SkipitError, match="constant"):
         pid(np.ones(10), np.arange(10.0), np.arange(10.0) ** 2, method="gaussian")
+
+
+def test_single_thread_blas_limits_and_restores_blas_threads():
+    """The cached controller still limits every BLAS library to one thread inside, and restores after."""
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    before = blas_threads()
+    for _ in range(2):  # the second use goes through the cached controller
+        with _single_thread_blas():
+            assert blas_threads() and set(blas_threads()) == {1}
+        assert blas_threads() == before

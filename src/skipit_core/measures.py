@@ -273,7 +273,10 @@ class AttentionRemoval:
     norm of the change of the layer's attention output (after ``W_O``) when the vision keys are
     removed and each head's softmax is renormalised over the text keys; ``bound``: the T5 bound on it
     (:func:`skipit_core.theory.layer_attention_removal_bound`, ``form`` as given); ``output_norm``: the
-    norm of the attention output itself, the scale to read ``change`` against.
+    norm of the attention output itself, the scale to read ``change`` against. ``n_left_out``: queries
+    that see a vision key but were left out because some head's float32 softmax row holds no mass on
+    any text key (every text probability underflowed to 0: the head attends to vision only, and the
+    text-only softmax cannot be formed from the probabilities).
     """
 
     layer: int
@@ -282,6 +285,7 @@ class AttentionRemoval:
     change: np.ndarray
     bound: np.ndarray
     output_norm: np.ndarray
+    n_left_out: int = 0
 
     @property
     def n(self) -> int:
@@ -296,7 +300,8 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
     values from :meth:`Backbone.attention_values` (key-value heads repeated to the query heads), ``W_O`` is its ``o_proj``
     weight. Keys are each sample's own positions (padding left out). Text queries whose causal mask
     hides every vision key (``tau = 0``, e.g. a question placed before the image) are left out: their
-    change is 0 and so is their bound. Memory per sample is ``T x H x N x head_dim`` floats; the norms
+    change is 0 and so is their bound. Queries with a head whose softmax row has no mass on text keys are left out and
+    counted in ``n_left_out`` (see :class:`AttentionRemoval`). Memory per sample is ``T x H x N x head_dim`` floats; the norms
     of ``W_O`` are computed once. The forward stops after ``layer``.
     """
     bb = Backbone.of(model)
@@ -304,7 +309,7 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
         raise InputError(f"layer must be in [0, {bb.n_layers - 1}]; got {layer}.")
     w_o = bb.attention(layer).o_proj.weight.detach().double().cpu().numpy()
     w_o_norm, head_norms = theory.output_projection_norms(w_o, w_o.shape[1] // bb.head_dim)
-    taus, changes, bounds, norms = [], [], [], []
+    taus, changes, bounds, norms, left_out = [], [], [], [], 0
     for inputs, layout in iter_batches(bb, batches):
         got: dict[str, torch.Tensor] = {}
 
@@ -324,11 +329,14 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
             rows = rows / rows.sum(-1, keepdims=True)  # float32 softmax rows, renormalised in float64
             keys, vals = vision[b][real[b]], values[b][:, real[b]]
             tau = (rows * keys).sum(-1).mean(-1)
-            rows = rows[tau > 0]
+            text_mass = (rows * ~keys.astype(bool)).sum(-1).min(-1)  # [T_b]: the smallest over heads
+            left_out += int(((tau > 0) & (text_mass <= 0)).sum())
+            keep = (tau > 0) & (text_mass > 0)
+            rows = rows[keep]
             if not len(rows):
                 continue
             v = np.broadcast_to(vals, (len(rows), *vals.shape))
-            taus.append(tau[tau > 0])
+            taus.append(tau[keep])
             changes.append(np.atleast_1d(theory.layer_attention_removal_change(rows, v, keys, w_o)))
             bounds.append(np.atleast_1d(theory.layer_attention_removal_bound(
                 rows, v, keys, w_o, form, w_o_norm=w_o_norm, head_norms=head_norms).value))
@@ -336,5 +344,6 @@ def attention_removal(model: nn.Module, batches: Batches, layer: int, form: str 
             norms.append(np.linalg.norm(heads @ w_o.T, axis=-1))
     if not changes:
         raise InputError(f"no text query sees a vision key in layer {layer}: pass inputs with images and text "
-                         "after them.")
-    return AttentionRemoval(layer, form, *(np.concatenate(x) for x in (taus, changes, bounds, norms)))
+                         "after them." + (f" ({left_out} that do were left out: a head of theirs puts no float32 "
+                                          "mass on text keys.)" if left_out else ""))
+    return AttentionRemoval(layer, form, *(np.concatenate(x) for x in (taus, changes, bounds, norms)), left_out)
