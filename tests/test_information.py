@@ -13,6 +13,8 @@ from scipy.stats import ortho_group
 from skipit_core.errors import InputError, NumericalError, SkipitError
 from skipit_core.information import (
     bootstrap_ci,
+    conditional_entropy,
+    conditional_entropy_from_table,
     conditional_mutual_information,
     entropy,
     entropy_from_pmf,
@@ -189,6 +191,23 @@ def test_discrete_mi_equals_table_closed_form():
     b = np.tile([0, 1, 0, 1], 25)
     assert mutual_information(a, b, miller_madow=False) == pytest.approx(0.0, abs=1e-12)
     assert conditional_mutual_information(a, b, a ^ b, miller_madow=False) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_conditional_entropy_from_samples_matches_the_table():
+    # joint table p[x, y] realised exactly by repeated rows: x | y=0 uniform on {0, 1}, x | y=1 always 2
+    x = np.repeat([0, 1, 2], [30, 30, 40])
+    y = np.repeat([0, 0, 1], [30, 30, 40])
+    table = [[0.3, 0.0], [0.3, 0.0], [0.0, 0.4]]
+    assert conditional_entropy(x, y, miller_madow=False) == pytest.approx(0.6, abs=1e-12)  # 0.6 * 1 bit + 0.4 * 0
+    assert conditional_entropy(x, y, miller_madow=False) == pytest.approx(conditional_entropy_from_table(table))
+    assert conditional_entropy(y, x, miller_madow=False) == pytest.approx(0.0, abs=1e-12)  # y is a function of x
+    # Miller-Madow: plug-in + (m_XY - m_Y) / (2 n ln 2) = plug-in + 1 / (200 ln 2)
+    assert conditional_entropy(x, y) == pytest.approx(0.6 + 1 / (200 * math.log(2)), abs=1e-12)
+    # H(X|Y) = H(X) - I(X;Y) with the same correction, and a constant y leaves H(X)
+    assert conditional_entropy(x, y) == pytest.approx(entropy(x) - mutual_information(x, y), abs=1e-12)
+    assert conditional_entropy(x, np.zeros(100, dtype=int)) == pytest.approx(entropy(x), abs=1e-12)
+    with pytest.raises(InputError, match="same number of samples"):
+        conditional_entropy(x, y[:-1])
 
 
 def test_miller_madow_reduces_bias_on_uniform_source():

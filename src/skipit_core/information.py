@@ -69,6 +69,7 @@ __all__ = [
     "METHODS",
     "KSG_MARGINALS",
     "entropy",
+    "conditional_entropy",
     "mutual_information",
     "conditional_mutual_information",
     "entropy_from_pmf",
@@ -571,6 +572,25 @@ def entropy(x, method: str = "discrete", *, k: int = 3, miller_madow: bool = Tru
     return _kl_entropy(arr, k, jitter, seed, backend)
 
 
+def conditional_entropy(x, y, *, miller_madow: bool = True) -> float:
+    """Discrete conditional entropy ``H(X|Y) = H(X, Y) - H(Y)`` in bits from paired samples.
+
+    ``x`` (n,) or (n, dx) and ``y`` (n,) or (n, dy) hold symbols (e.g. k-means codes from
+    :func:`quantize`; rows of a 2-D array are joint symbols). Each entropy is the plug-in estimate,
+    Miller-Madow corrected by default, so the corrected value is the plug-in ``H(X|Y)`` plus
+    ``(m_XY - m_Y) / (2 n ln 2)`` (``m`` = observed distinct symbols). Unlike :func:`mutual_information`
+    a constant ``x`` or ``y`` is allowed (``H(X|Y) = H(X)`` for constant ``y``, 0 for constant ``x``), so it
+    is safe inside :func:`bootstrap_ci` and :func:`shuffle_baseline` on small samples. This is the
+    quantity of informational redundancy and of theorems T3 / T4 (docs/THEORY.md) with
+    ``x = Q(X_l)``, ``y = Q(X_(l-1))``; the plug-in (``miller_madow=False``) equals
+    :func:`conditional_entropy_from_table` of the empirical joint table.
+    """
+    _check_flag(miller_madow, "miller_madow")
+    xa, ya = _samples(x, "x", discrete=True), _samples(y, "y", discrete=True)
+    _same_length(x=xa, y=ya)
+    return _entropy_of_codes(_symbols(xa, ya), miller_madow) - _entropy_of_codes(_symbols(ya), miller_madow)
+
+
 def mutual_information(x, y, method: str = "discrete", *, k: int = 3, miller_madow: bool = True,
                        jitter: float = 1e-10, seed: int = 0, backend: str = "auto",
                        marginals: str = "copula") -> float:
@@ -670,7 +690,7 @@ def conditional_mutual_information(x, y, z, method: str = "discrete", *, k: int 
 def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) -> np.ndarray:
     """k-means codes (ints in ``[0, n_codes)``) of the rows of ``x``, deterministic given ``seed``.
 
-    Uses ``sklearn.cluster.KMeans`` (4 restarts) up to ``minibatch_above`` rows and
+    Uses ``sklearn.cluster.KMeans`` (4 restarts, one thread) up to ``minibatch_above`` rows and
     ``MiniBatchKMeans`` beyond. The codes make the discrete estimators and theorems T3/T4 applicable
     to hidden states; normalise the states first if the geometry of interest is cosine.
     """
@@ -684,9 +704,11 @@ def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) ->
                          f"use n_codes <= {n_distinct}.")
     if arr.shape[0] > minibatch_above:
         model = MiniBatchKMeans(n_clusters=n_codes, random_state=seed, n_init=3, batch_size=4096)
-    else:
-        model = KMeans(n_clusters=n_codes, random_state=seed, n_init=4)
-    return model.fit_predict(arr).astype(np.int64)
+        return model.fit_predict(arr).astype(np.int64)
+    # one thread for the small problems of KMeans: its OpenMP threads only spin there (measured 2026-12-03 on
+    # 2 shared cores, 280 x 128 states, 8 codes: 0.03 s of CPU with one thread, 0.6 s with two)
+    with _single_thread_all():
+        return KMeans(n_clusters=n_codes, random_state=seed, n_init=4).fit_predict(arr).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -885,23 +907,22 @@ def pid_from_table(p, method: str = "broja") -> PIDResult:
     raise InputError(f"unknown PID method {method!r} for a table; choose 'broja' or 'mmi'.")
 
 
-_BLAS_CONTROLLER: list = []  # one threadpoolctl.ThreadpoolController, made on first use
+def _single_thread_all():
+    """Context limiting BLAS and OpenMP to one thread (threadpoolctl); no-op without it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1)
 
 
 def _single_thread_blas():
-    """Context limiting BLAS to one thread (threadpoolctl ships with scikit-learn); no-op without it.
-
-    The controller that finds the loaded BLAS libraries is built once: ``threadpool_limits(...)``
-    rescans every loaded shared library on each call (about 15 ms with torch and scikit-learn loaded,
-    most of the time of a Gaussian PID), while ``controller.limit(...)`` only sets the thread counts.
-    """
-    if not _BLAS_CONTROLLER:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:  # pragma: no cover
-            return contextlib.nullcontext()
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+    """Context limiting BLAS to one thread (threadpoolctl ships with scikit-learn); no-op without it."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def _broja_union(p: np.ndarray, gap_nats: float = 1e-8) -> float:
