@@ -707,7 +707,7 @@ def quantize(x, n_codes: int, seed: int = 0, *, minibatch_above: int = 20000) ->
         return model.fit_predict(arr).astype(np.int64)
     # one thread for the small problems of KMeans: its OpenMP threads only spin there (measured 2026-12-03 on
     # 2 shared cores, 280 x 128 states, 8 codes: 0.03 s of CPU with one thread, 0.6 s with two)
-    with _single_thread_all():
+    with _single_thread():
         return KMeans(n_clusters=n_codes, random_state=seed, n_init=4).fit_predict(arr).astype(np.int64)
 
 
@@ -907,32 +907,29 @@ def pid_from_table(p, method: str = "broja") -> PIDResult:
     raise InputError(f"unknown PID method {method!r} for a table; choose 'broja' or 'mmi'.")
 
 
-_BLAS_CONTROLLER: list = []  # one threadpoolctl.ThreadpoolController, made on first use
+_THREAD_CONTROLLER: list = []  # one threadpoolctl.ThreadpoolController, made on first use
 
 
-def _single_thread_all():
-    """Context limiting BLAS and OpenMP to one thread (threadpoolctl); no-op without it."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1)
+def _single_thread(user_api: str | None = None):
+    """Context limiting the thread pools of ``user_api`` (``"blas"``, ``"openmp"``; ``None``: all) to one
+    thread (threadpoolctl ships with scikit-learn); no-op without it.
 
-
-def _single_thread_blas():
-    """Context limiting BLAS to one thread (threadpoolctl ships with scikit-learn); no-op without it.
-
-    The controller that finds the loaded BLAS libraries is built once: ``threadpool_limits(...)``
-    rescans every loaded shared library on each call (about 15 ms with torch and scikit-learn loaded,
-    most of the time of a Gaussian PID), while ``controller.limit(...)`` only sets the thread counts.
+    The controller that finds the loaded libraries is built once: ``threadpool_limits(...)`` rescans every
+    loaded shared library on each call (about 15 ms with torch and scikit-learn loaded, most of the time
+    of a Gaussian PID), while ``controller.limit(...)`` only sets the thread counts.
     """
-    if not _BLAS_CONTROLLER:
+    if not _THREAD_CONTROLLER:
         try:
             from threadpoolctl import ThreadpoolController
         except ImportError:  # pragma: no cover
             return contextlib.nullcontext()
-        _BLAS_CONTROLLER.append(ThreadpoolController())
-    return _BLAS_CONTROLLER[0].limit(limits=1, user_api="blas")
+        _THREAD_CONTROLLER.append(ThreadpoolController())
+    return _THREAD_CONTROLLER[0].limit(limits=1, user_api=user_api)
+
+
+def _single_thread_blas():
+    """:func:`_single_thread` for BLAS only (small dense linear algebra)."""
+    return _single_thread("blas")
 
 
 def _broja_union(p: np.ndarray, gap_nats: float = 1e-8) -> float:
